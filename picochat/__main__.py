@@ -1,0 +1,3 @@
+from picochat.cli import main
+
+main()

@@ -1,0 +1,55 @@
+"""`picochat <stage> [flags]`: one entry point for every stage.
+
+Each stage module has `main(argv)` that parses its flags into a config and
+calls `run(config)`. Works the same under `python -m picochat` and
+`torchrun ... -m picochat`.
+"""
+
+import importlib
+import sys
+
+from picochat.common import PicochatError
+
+STAGES = {
+    "download": ("picochat.dataset", "download pretraining shards (and the validation shard)"),
+    "tok-train": ("picochat.tok_train", "train the BPE tokenizer"),
+    "tok-eval": ("picochat.tok_eval", "compare the tokenizer's compression with GPT-2 and GPT-4"),
+    "base-train": ("picochat.base_train", "pretrain the base model"),
+    "base-eval": ("picochat.base_eval", "evaluate a base model: CORE, bits per byte, samples"),
+}
+# Named in the interface we promise; built by later work.
+PLANNED = ["chat-sft", "chat-rl", "chat-eval", "chat-cli", "chat-web", "report"]
+
+
+def usage() -> str:
+    lines = ["usage: picochat <stage> [flags]   (picochat <stage> --help for a stage's flags)", "", "stages:"]
+    lines += [f"  {name:<11} {help_}" for name, (_, help_) in STAGES.items()]
+    lines += ["", "not yet available: " + ", ".join(PLANNED)]
+    return "\n".join(lines)
+
+
+def run(stage_main, argv=None):
+    """Run a stage's main, turning user errors into one line instead of a traceback."""
+    try:
+        stage_main(argv)
+    except PicochatError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr, flush=True)
+        sys.exit(130)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        sys.exit(0 if argv else 2)
+    stage, rest = argv[0], argv[1:]
+    if stage not in STAGES:
+        why = "is not available yet" if stage in PLANNED else "is not a stage"
+        print(f"error: '{stage}' {why}\n\n{usage()}", file=sys.stderr)
+        sys.exit(2)
+    module = importlib.import_module(STAGES[stage][0])
+    sys.argv[0] = f"picochat {stage}"  # so argparse's usage line names the stage
+    run(module.main, rest)

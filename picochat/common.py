@@ -1,0 +1,199 @@
+"""Runtime plumbing shared by every stage: where files live, which device and
+dtype we compute in, torch.distributed setup, and user-facing errors."""
+
+import os
+import re
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+class PicochatError(Exception):
+    """A problem with the user's input or environment. The CLI prints it as one
+    line (no traceback) and exits with status 1."""
+
+
+# ---------------------------------------------------------------------------
+# Files
+
+
+def get_base_dir() -> Path:
+    """Everything a run produces lives here: $PICOCHAT_HOME or ~/.cache/picochat."""
+    home = os.environ.get("PICOCHAT_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "picochat")
+    path = Path(home)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def is_url(location: str) -> bool:
+    return urllib.parse.urlparse(str(location)).scheme in ("http", "https")
+
+
+# ---------------------------------------------------------------------------
+# Distributed
+
+
+def dist_info():
+    """(is_distributed, rank, local_rank, world_size) from torchrun's environment."""
+    if all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")):
+        return True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    return False, 0, 0, 1
+
+
+def get_rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else dist_info()[1]
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else dist_info()[3]
+
+
+def print0(*args, **kwargs):
+    if get_rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+# ---------------------------------------------------------------------------
+# Device and dtype (detected once, in compute_init)
+
+
+def autodetect_device_type() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+           "float32": torch.float32, "fp32": torch.float32}
+
+
+def detect_compute_dtype(device: torch.device):
+    """(dtype, reason). bf16 where the hardware has fast bf16 matmuls (CUDA SM>=80),
+    fp32 elsewhere; PICOCHAT_DTYPE overrides. Master weights stay fp32 regardless."""
+    override = os.environ.get("PICOCHAT_DTYPE")
+    if override:
+        if override not in _DTYPES:
+            raise PicochatError(f"PICOCHAT_DTYPE={override!r} is not one of bfloat16, float16, float32")
+        return _DTYPES[override], f"PICOCHAT_DTYPE={override}"
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if major >= 8:
+            return torch.bfloat16, f"CUDA SM{major}{minor} supports bf16"
+        return torch.float32, f"CUDA SM{major}{minor} has no fast bf16"
+    return torch.float32, f"{device.type} default"
+
+
+@dataclass
+class Runtime:
+    """What compute_init decided; passed explicitly to whatever needs it."""
+    ddp: bool
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    dtype: torch.dtype
+    dtype_reason: str
+
+    @property
+    def device_type(self) -> str:
+        return self.device.type
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+
+def compute_init(device_type: str = "", seed: int = 42) -> Runtime:
+    """Pick the device, seed every rank identically (all ranks then build identical
+    weights without a broadcast) and join the process group when run by torchrun."""
+    device_type = device_type or autodetect_device_type()
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise PicochatError("--device-type cuda was requested but CUDA is not available")
+    if device_type not in ("cuda", "mps", "cpu"):
+        raise PicochatError(f"unknown device type {device_type!r} (choose cuda, mps or cpu)")
+    torch.manual_seed(seed)
+    if device_type == "cuda":
+        torch.cuda.manual_seed(seed)
+        torch.set_float32_matmul_precision("high")  # TF32 for any fp32 matmul
+    ddp, rank, local_rank, world_size = dist_info()
+    if device_type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device(device_type)
+    if ddp and world_size > 1 and not dist.is_initialized():
+        if device_type == "cuda":
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
+        dist.barrier()
+    dtype, reason = detect_compute_dtype(device)
+    return Runtime(ddp and world_size > 1, rank, local_rank, world_size, device, dtype, reason)
+
+
+def compute_cleanup():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def synchronize(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+# ---------------------------------------------------------------------------
+# Peak dense bf16 FLOPs, for MFU. First matching pattern wins, so specific
+# variants (NVL, PCIe) come before the bare name.
+
+PEAK_FLOPS = [
+    (r"gb200|grace blackwell", 2.5e15),
+    (r"b200", 2.25e15),
+    (r"b100", 1.8e15),
+    (r"h200.*(nvl|pcie)", 836e12),
+    (r"h200", 989e12),
+    (r"h100.*nvl", 835e12),
+    (r"h100.*pcie", 756e12),
+    (r"h100", 989e12),
+    (r"h800.*nvl", 989e12),
+    (r"h800", 756e12),
+    (r"a100|a800", 312e12),
+    (r"a40", 149.7e12),
+    (r"a30", 165e12),
+    (r"l40s", 362e12),
+    (r"l4", 121e12),
+    (r"mi355", 2.5e15),
+    (r"mi325|mi300x", 1.3074e15),
+    (r"mi300a", 980.6e12),
+    (r"mi250x", 383e12),
+    (r"mi250", 362.1e12),
+    (r"5090", 209.5e12),
+    (r"4090", 165.2e12),
+    (r"3090", 71e12),
+]
+
+
+def get_peak_flops(device_name: str) -> float:
+    """Peak bf16 FLOP/s of one device, or inf when unknown (MFU then reads 0)."""
+    name = device_name.lower()
+    if "data center gpu max 1550" in name:
+        props = torch.xpu.get_device_properties() if hasattr(torch, "xpu") else None
+        units = getattr(props, "max_compute_units", 0) if props is not None else 0
+        return 512 * units * 1.3e9 if units else float("inf")
+    for pattern, flops in PEAK_FLOPS:
+        if re.search(pattern, name):
+            return flops
+    return float("inf")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return device.type
+

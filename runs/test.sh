@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Set up a virtual environment (CPU torch) and run lint + the test suite.
+# This is the README's test command; .ci/run calls it too.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m venv .venv
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+# Pin the CPU wheel first: an unpinned torch would pull a multi-GB CUDA build.
+python -m pip install -q torch==2.13.0
+python -m pip install -q -e '.[dev]'
+ruff check .
+# One OpenMP thread: compiled CPU runs are only bitwise reproducible this way.
+OMP_NUM_THREADS=1 python -m pytest -q "$@"

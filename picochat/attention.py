@@ -1,0 +1,198 @@
+"""Causal self-attention with a per-layer sliding window, behind one function.
+
+    attention(q, k, v, window) -> y        q: (B, T, H, D), k and v: (B, T, Hkv, D), y: (B, T, H, D)
+
+A window of w means query r sees keys r-w .. r (w+1 keys); w < 0 or w >= T is plain causal
+attention. H may be a multiple of Hkv (grouped-query attention). The softmax scale is 1/sqrt(D).
+
+Three backends, chosen per call from the device, the dtype and whether the window bites:
+- fa3:  Flash Attention 3 from the Hugging Face kernel hub (`kernels` package). CUDA and bf16 only;
+        handles windows natively. Used for everything when it loads.
+- flex: torch FlexAttention, compiled, with a block-sparse mask cached per (T, window, device).
+        Used for sliding windows on CUDA without FA3. FlexAttention has no backward on CPU/MPS,
+        so there it only runs when forced (inference).
+- sdpa: F.scaled_dot_product_attention. With is_causal it runs the fused flash kernels; a sliding
+        window needs a dense T x T mask instead, which is slow. That slow path is never silent:
+        describe() names it and the model prints the choice once when it is built.
+
+Force one backend with PICOCHAT_ATTENTION=fa3|flex|sdpa or force_backend(name) (tests, benchmarks).
+The (B, T, H, D) layout and the per-call window leave room for a KV cache (Tq != Tk) later.
+"""
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+from picochat.common import PicochatError
+
+BACKENDS = ("fa3", "flex", "sdpa")
+
+_forced = None  # set by force_backend(); PICOCHAT_ATTENTION is read on every call, so tests can set it late
+_fa3 = None
+_fa3_status = None  # why FA3 is or is not available; None until we tried to load it
+
+
+def force_backend(name):
+    """Use `name` for every call from now on (None = choose automatically again)."""
+    global _forced
+    if name is not None and name not in BACKENDS:
+        raise PicochatError(f"unknown attention backend {name!r} (choose one of {', '.join(BACKENDS)})")
+    _forced = name
+
+
+def forced_backend():
+    name = _forced or os.environ.get("PICOCHAT_ATTENTION") or None
+    if name is not None and name not in BACKENDS:
+        raise PicochatError(f"PICOCHAT_ATTENTION={name!r} is not one of {', '.join(BACKENDS)}")
+    return name
+
+
+# ---------------------------------------------------------------------------
+# FA3 from the kernel hub: loaded once, only on CUDA, and any failure just means "no FA3".
+
+
+def load_fa3():
+    """The flash_attn_interface module of FA3, or None. Tried once per process."""
+    global _fa3, _fa3_status
+    if _fa3_status is not None:
+        return _fa3
+    if not torch.cuda.is_available():
+        _fa3_status = "no CUDA"
+        return None
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        from kernels import get_kernel, has_kernel
+
+        major, minor = torch.cuda.get_device_capability()
+        if major == 9:
+            repo = "varunneal/flash-attention-3"  # Hopper build
+        elif has_kernel("kernels-community/flash-attn3"):
+            repo = "kernels-community/flash-attn3"  # Ampere/Ada builds, where published
+        else:
+            _fa3_status = f"no FA3 kernel published for SM{major}{minor}"
+            return None
+        _fa3 = get_kernel(repo).flash_attn_interface
+        _fa3_status = f"FA3 from {repo}"
+    except Exception as e:  # not installed, offline, no matching build: all mean SDPA/Flex instead
+        _fa3_status = f"FA3 unavailable ({type(e).__name__}: {e})"
+    return _fa3
+
+
+def fa3_status() -> str:
+    load_fa3()
+    return _fa3_status
+
+
+def is_full(window: int, seq_len: int) -> bool:
+    """Does this window see the whole causal prefix at this length?"""
+    return window < 0 or window >= seq_len - 1
+
+
+def backend_name(window: int, seq_len: int, device, dtype) -> str:
+    """Which backend attention() uses for this window at sequence length seq_len."""
+    forced = forced_backend()
+    if forced is not None:
+        return forced
+    device = torch.device(device)
+    if device.type == "cuda" and dtype == torch.bfloat16 and load_fa3() is not None:
+        return "fa3"
+    if is_full(window, seq_len):
+        return "sdpa"
+    return "flex" if device.type == "cuda" else "sdpa"
+
+
+def describe(windows, seq_len: int, device, dtype) -> str:
+    """One line per distinct window: which layers have it and which backend runs it."""
+    lines = []
+    for window in sorted(set(windows)):
+        layers = ",".join(str(i) for i, w in enumerate(windows) if w == window)
+        name = backend_name(window, seq_len, device, dtype)
+        span = "full context" if is_full(window, seq_len) else f"window {window}"
+        if name == "sdpa":
+            name = "sdpa (causal)" if is_full(window, seq_len) else "sdpa with a dense T x T mask (SLOW)"
+        lines.append(f"attention at T={seq_len}, {span} (layers {layers}): {name}")
+    if torch.device(device).type == "cuda" and forced_backend() is None:
+        lines.append(f"attention: {fa3_status()}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# The backends. All take and return (B, T, H, D).
+
+
+def attention(q, k, v, window: int):
+    name = backend_name(window, q.size(1), q.device, q.dtype)
+    if name == "fa3":
+        return fa3_attention(q, k, v, window)
+    if name == "flex":
+        return flex_window_attention(q, k, v, window)
+    return sdpa_attention(q, k, v, window)
+
+
+def fa3_attention(q, k, v, window: int):
+    fa3 = load_fa3()
+    if fa3 is None:
+        raise PicochatError(f"attention backend fa3 was forced but {fa3_status()}")
+    left = -1 if is_full(window, q.size(1)) else window
+    y = fa3.flash_attn_func(q, k, v, causal=True, window_size=(left, 0))
+    return y[0] if isinstance(y, tuple) else y  # some builds also return the log-sum-exp
+
+
+# Masks are cached per (kind, T, window, device) and built outside any torch.compile trace:
+# a compiled model then reads a finished mask instead of rebuilding it in its graph every step
+# (and inductor on CPU cannot lower flex_attention on a block mask built inside the graph).
+_masks = {}
+
+
+def cached_mask(kind: str, seq_len: int, window: int, device):
+    key = (kind, seq_len, window, torch.device(device))
+    if key not in _masks:
+        _masks[key] = _build_mask(kind, seq_len, window, torch.device(device))
+    return _masks[key]
+
+
+@torch.compiler.disable
+def _build_mask(kind, seq_len, window, device):
+    if is_full(window, seq_len):
+        window = seq_len
+    if kind == "dense":  # (T, T) bool, True where query r may attend to key c
+        r = torch.arange(seq_len, device=device)[:, None]
+        c = torch.arange(seq_len, device=device)[None, :]
+        return (c <= r) & (r - c <= window)
+    # FlexAttention block mask. The window is captured as a tensor, not a Python int, so all
+    # windows share one compiled kernel instead of recompiling per window.
+    w = torch.tensor(window, device=device)
+
+    def sliding_causal(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (q_idx - kv_idx <= w)
+
+    return create_block_mask(sliding_causal, B=None, H=None, Q_LEN=seq_len, KV_LEN=seq_len, device=device)
+
+
+def sdpa_attention(q, k, v, window: int):
+    T = q.size(1)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    gqa = q.size(1) != k.size(1)
+    if is_full(window, T):
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    else:
+        mask = cached_mask("dense", T, window, q.device)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    return y.transpose(1, 2)
+
+
+# Without compile, flex_attention materializes the full score matrix; compiled it is a fused kernel.
+# Default (automatic) dynamic shapes: training compiles once for its fixed T, and the first other
+# length recompiles once with a symbolic T, so evals and generation do not recompile per length.
+_flex_compiled = torch.compile(flex_attention)
+
+
+def flex_window_attention(q, k, v, window: int, compiled: bool = True):
+    T = q.size(1)
+    block_mask = cached_mask("block", T, window, q.device)
+    fn = _flex_compiled if compiled else flex_attention
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    y = fn(q, k, v, block_mask=block_mask, enable_gqa=q.size(1) != k.size(1))
+    return y.transpose(1, 2)

@@ -1,0 +1,476 @@
+"""The GPT: a pre-norm decoder-only Transformer in the style of modded-nanogpt/nanochat.
+
+Ingredients, all without biases:
+- parameter-free RMSNorm everywhere (F.rms_norm), also right after the token embedding
+- rotary position embeddings (half-split layout) and QK-norm with a fixed logit sharpening
+- ReLU^2 MLP
+- value embeddings (ResFormer) with an input-dependent per-head gate on alternating layers
+- per-layer learnable mixing of the residual stream with the initial embedding x0
+- "smear": a cheap gated bigram mix of the previous token's embedding into the current one
+- "backout": subtract a learned fraction of the middle layer's output before the head
+- sliding-window attention ("SSSL" pattern; the last layer always sees everything)
+- untied embedding/unembedding and a tanh logit softcap computed in fp32
+
+Precision: master weights are fp32; activations run in an explicit compute dtype passed to
+GPT(config, compute_dtype). The custom Linear casts its weight to the input's dtype (no autocast).
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from picochat.attention import attention, describe
+from picochat.common import PicochatError, print0
+
+SOFTCAP = 15.0
+SMEAR_CHANNELS = 24  # smear_gate reads this many leading channels of the normed embedding
+PAD_VOCAB_TO = 64
+
+
+# ---------------------------------------------------------------------------
+# Recipes: architecture, init and optimizer constants that changed over the reference's history.
+
+
+@dataclass(frozen=True)
+class Recipe:
+    rope_theta: float
+    short_window_frac: float  # S window = ceil(T * frac / 128) * 128
+    qk_scale: float  # q and k are each multiplied by this after QK-norm
+    ve_gate_channels: int  # ve_gate reads this many leading channels of the block input
+    ve_gate_range: float  # gate = range * sigmoid(...)
+    smear: bool
+    backout: bool
+    wte_std: float
+    c_fc_scale: float  # c_fc ~ U(-c_fc_scale*s, c_fc_scale*s), s = sqrt(3/n_embd)
+    ve_gate_init: float  # ve_gate ~ U(0, ve_gate_init) (0 means zeros)
+    resid_lambda_init: tuple  # (layer 0, last layer), linear in between
+    x0_lambda_init: tuple
+    # AdamW groups: name -> (betas, weight_decay); value_embeds lr = ve_lr_mult * embedding lr
+    adamw: dict
+    ve_lr_mult: float
+    muon_beta2: float
+    # base_train's defaults for this recipe (lrs before the batch-size lr scale)
+    train_defaults: dict
+
+
+RECIPES = {
+    # The current reference recipe (after autoresearch round 2, 2026-03-14, plus later fixes).
+    "default": Recipe(
+        rope_theta=100_000.0, short_window_frac=0.25, qk_scale=1.2,
+        ve_gate_channels=12, ve_gate_range=3.0, smear=True, backout=True,
+        wte_std=0.8, c_fc_scale=0.4, ve_gate_init=0.02,
+        resid_lambda_init=(1.15, 1.05), x0_lambda_init=(0.20, 0.05),
+        adamw={
+            "lm_head": ((0.8, 0.96), 0.01),
+            "wte": ((0.8, 0.995), 0.001),
+            "value_embeds": ((0.8, 0.995), 0.01),
+            "resid_lambdas": ((0.8, 0.95), 0.05),
+            "x0_lambdas": ((0.96, 0.95), 0.0),
+            "smear": ((0.8, 0.95), 0.0),
+        },
+        ve_lr_mult=0.5, muon_beta2=0.9,
+        train_defaults=dict(embedding_lr=0.3, unembedding_lr=0.008, matrix_lr=0.02, scalar_lr=0.5,
+                            weight_decay=0.28),
+    ),
+    # The 2026-01-29 d24 leaderboard run #1 (commit 348fbb3). Stated by the spec: RoPE theta 10K,
+    # 32-channel VE gates with range 2, S = T/2, no smear, no backout; with these the model has the
+    # published 1,384,124,976 params and 4.9451e9 FLOPs/token. (S is rounded up to a multiple of
+    # 128 like the default's; the original took T//2, which is the same whenever 256 divides T.)
+    # Read off the spec's list of later changes, taking "X -> Y" to mean Jan-29 had X: QK scale 1.0
+    # (round 1 added 1.15); wte std 1.0 (round 1: 0.8); c_fc U(-s, s) (round 1: 0.5s, round 2:
+    # 0.4s); softcap 15 (20 only in March); unembedding lr 0.004; embedding lr 0.3; Muon beta2 0.95;
+    # a single AdamW beta pair (0.8, 0.95) without weight decay (per-group values came in round 1)
+    # except x0's beta1 0.96 (added 2026-01-25..29); Muon wd 0.2, which base_train of that era
+    # scaled by (12/depth)^2 rather than by the T_epoch rule.
+    # Inferred beyond the spec, from public nanochat-derived code of that era: lm_head std 0.001,
+    # matrix lr 0.02 and scalar lr 0.5 as today; VE gates init to zero (gate = 1 at init, neutral);
+    # constant resid_lambdas 1.0 and x0_lambdas 0.1 (round 2 brought the ramps); value_embeds at
+    # the full embedding lr (the 0.5x came later).
+    # Not model constants, for base_train/optim: no lr warmup, warmdown 0.4 to a final lr of 0
+    # (round 1 added the 0.05 floor: inferred), Muon momentum 0.85 -> 0.95 over 300 steps, weight
+    # decay linear to 0, Polar Express normalization 1.02, no MuonEq/Muon+ (2026-07).
+    "jan29": Recipe(
+        rope_theta=10_000.0, short_window_frac=0.5, qk_scale=1.0,
+        ve_gate_channels=32, ve_gate_range=2.0, smear=False, backout=False,
+        wte_std=1.0, c_fc_scale=1.0, ve_gate_init=0.0,
+        resid_lambda_init=(1.0, 1.0), x0_lambda_init=(0.1, 0.1),
+        adamw={
+            "lm_head": ((0.8, 0.95), 0.0),
+            "wte": ((0.8, 0.95), 0.0),
+            "value_embeds": ((0.8, 0.95), 0.0),
+            "resid_lambdas": ((0.8, 0.95), 0.0),
+            "x0_lambdas": ((0.96, 0.95), 0.0),
+        },
+        ve_lr_mult=1.0, muon_beta2=0.95,
+        train_defaults=dict(embedding_lr=0.3, unembedding_lr=0.004, matrix_lr=0.02, scalar_lr=0.5,
+                            weight_decay=0.2),
+    ),
+}
+
+
+@dataclass
+class GPTConfig:
+    sequence_len: int = 2048
+    vocab_size: int = 32768
+    n_layer: int = 12
+    n_head: int = 6
+    n_kv_head: int = 6
+    n_embd: int = 768
+    window_pattern: str = "SSSL"
+    preset: str = "default"  # a key of RECIPES
+
+
+def config_from_depth(depth, vocab_size, max_seq_len=2048, aspect_ratio=64, head_dim=128, window_pattern="SSSL",
+                      preset="default") -> GPTConfig:
+    """Everything follows from depth: width = depth * aspect_ratio, rounded up to whole heads
+    so that odd depths still get head_dim-sized heads."""
+    if depth < 1:
+        raise PicochatError(f"depth must be at least 1, got {depth}")
+    n_embd = math.ceil(depth * aspect_ratio / head_dim) * head_dim
+    n_head = n_embd // head_dim
+    return GPTConfig(sequence_len=max_seq_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head,
+                     n_kv_head=n_head, n_embd=n_embd, window_pattern=window_pattern, preset=preset)
+
+
+def validate_config(config: GPTConfig):
+    if min(config.n_layer, config.n_head, config.n_kv_head, config.sequence_len) < 1:
+        raise PicochatError(f"n_layer, n_head, n_kv_head and sequence_len must be positive: {config}")
+    if config.preset not in RECIPES:
+        raise PicochatError(f"unknown preset {config.preset!r} (choose one of {', '.join(RECIPES)})")
+    pattern = config.window_pattern.upper()
+    if not pattern or any(c not in "SL" for c in pattern):
+        raise PicochatError(f"window pattern {config.window_pattern!r} must be made of S and L")
+    if config.n_embd % config.n_head or (config.n_embd // config.n_head) % 2:
+        raise PicochatError(f"n_embd {config.n_embd} must split into {config.n_head} heads of even size")
+    gate_inputs = max(SMEAR_CHANNELS, RECIPES[config.preset].ve_gate_channels)
+    if config.n_embd < gate_inputs:
+        raise PicochatError(f"n_embd {config.n_embd} is narrower than the {gate_inputs} channels the gates read")
+    if config.n_head % config.n_kv_head:
+        raise PicochatError(f"n_head {config.n_head} must be a multiple of n_kv_head {config.n_kv_head}")
+
+
+def window_sizes(config: GPTConfig) -> list:
+    """Attention window per layer: the pattern tiled over the layers, last layer always L."""
+    recipe = RECIPES[config.preset]
+    long = config.sequence_len
+    short = math.ceil(long * recipe.short_window_frac / 128) * 128
+    pattern = config.window_pattern.upper()
+    sizes = [long if pattern[i % len(pattern)] == "L" else short for i in range(config.n_layer)]
+    sizes[-1] = long
+    return sizes
+
+
+def has_value_embedding(layer: int, n_layer: int) -> bool:
+    """Alternating layers, counted back from the last one, which always has one."""
+    return layer % 2 == (n_layer - 1) % 2
+
+
+# ---------------------------------------------------------------------------
+# Building blocks
+
+
+def norm(x):
+    return F.rms_norm(x, (x.size(-1),))
+
+
+class Linear(nn.Linear):
+    """Bias-free Linear with an fp32 master weight, cast to the activation dtype on the fly."""
+
+    def __init__(self, in_features, out_features):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x):
+        return F.linear(x, self.weight.to(dtype=x.dtype))
+
+
+def apply_rotary(x, cos, sin):
+    """Half-split (NeoX) rotary embedding on (B, T, H, D). This rotates by -angle, matching
+    the reference's convention (needed to share checkpoints)."""
+    d = x.size(-1) // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layer: int, window: int):
+        super().__init__()
+        recipe = RECIPES[config.preset]
+        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
+        self.head_dim = config.n_embd // config.n_head
+        self.window = window  # known per layer, so a KV cache can reuse it
+        self.qk_scale = recipe.qk_scale
+        self.c_q = Linear(config.n_embd, self.n_head * self.head_dim)
+        self.c_k = Linear(config.n_embd, self.n_kv_head * self.head_dim)
+        self.c_v = Linear(config.n_embd, self.n_kv_head * self.head_dim)
+        self.c_proj = Linear(self.n_head * self.head_dim, config.n_embd)
+        self.ve_gate = None
+        if has_value_embedding(layer, config.n_layer):
+            self.ve_gate_channels, self.ve_gate_range = recipe.ve_gate_channels, recipe.ve_gate_range
+            self.ve_gate = Linear(self.ve_gate_channels, self.n_kv_head)
+
+    def forward(self, x, ve, cos, sin):
+        B, T, _ = x.shape
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        if ve is not None:
+            # ResFormer value residual, gated per kv head by the current token's own input
+            gate = self.ve_gate_range * torch.sigmoid(self.ve_gate(x[..., : self.ve_gate_channels]))
+            v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = norm(q) * self.qk_scale, norm(k) * self.qk_scale
+        y = attention(q, k, v, self.window)
+        return self.c_proj(y.reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd)
+
+    def forward(self, x):
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, layer: int, window: int):
+        super().__init__()
+        self.attn = CausalSelfAttention(config, layer, window)
+        self.mlp = MLP(config)
+
+    def forward(self, x, ve, cos, sin):
+        x = x + self.attn(norm(x), ve, cos, sin)
+        return x + self.mlp(norm(x))
+
+
+# ---------------------------------------------------------------------------
+# The model
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig, compute_dtype=torch.float32):
+        """Usually built on the meta device (see build_model): nothing set here is real,
+        init_weights() must set every parameter and buffer."""
+        super().__init__()
+        validate_config(config)
+        self.config = config
+        self.recipe = RECIPES[config.preset]
+        self.compute_dtype = compute_dtype
+        # fp16 embeddings would get fp16 grads, which GradScaler cannot unscale: keep those fp32
+        self.embed_dtype = torch.float32 if compute_dtype == torch.float16 else compute_dtype
+        self.padded_vocab = math.ceil(config.vocab_size / PAD_VOCAB_TO) * PAD_VOCAB_TO
+        self.window_sizes = window_sizes(config)
+        L, d = config.n_layer, config.n_embd
+        kv_dim = config.n_kv_head * (d // config.n_head)
+        self.transformer = nn.ModuleDict({
+            "wte": nn.Embedding(self.padded_vocab, d),
+            "h": nn.ModuleList([Block(config, i, self.window_sizes[i]) for i in range(L)]),
+        })
+        self.lm_head = Linear(d, self.padded_vocab)
+        self.value_embeds = nn.ModuleDict({
+            str(i): nn.Embedding(self.padded_vocab, kv_dim) for i in range(L) if has_value_embedding(i, L)
+        })
+        self.resid_lambdas = nn.Parameter(torch.empty(L))
+        self.x0_lambdas = nn.Parameter(torch.empty(L))
+        if self.recipe.smear:
+            self.smear_gate = Linear(SMEAR_CHANNELS, 1)
+            self.smear_lambda = nn.Parameter(torch.empty(1))
+        if self.recipe.backout:
+            self.backout_lambda = nn.Parameter(torch.empty(1))
+        # rotary tables for 10x the training length (generation may run past it); not checkpointed
+        self.rotary_len = 10 * config.sequence_len
+        cos, sin = self._rotary_tables()
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def _rotary_tables(self):
+        head_dim = self.config.n_embd // self.config.n_head
+        device = self.transformer.wte.weight.device
+        inv_freq = self.recipe.rope_theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=device)
+                                               / head_dim)
+        angles = torch.outer(torch.arange(self.rotary_len, dtype=torch.float32, device=device), inv_freq)
+        return (angles.cos().to(self.compute_dtype)[None, :, None, :],
+                angles.sin().to(self.compute_dtype)[None, :, None, :])
+
+    @torch.no_grad()
+    def init_weights(self):
+        """Set every parameter and buffer (after to_empty, memory holds garbage)."""
+        r, L, d = self.recipe, self.config.n_layer, self.config.n_embd
+        s = math.sqrt(3.0 / d)  # uniform(-s, s) has std 1/sqrt(d)
+        for emb in [self.transformer.wte, *self.value_embeds.values()]:
+            emb.to(dtype=torch.float32)  # init in fp32 whatever the storage dtype, then cast
+        nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=r.wte_std)
+        nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
+        for block in self.transformer.h:
+            for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v):
+                nn.init.uniform_(lin.weight, -s, s)
+            nn.init.uniform_(block.mlp.c_fc.weight, -r.c_fc_scale * s, r.c_fc_scale * s)
+            nn.init.zeros_(block.attn.c_proj.weight)  # every block starts as the identity
+            nn.init.zeros_(block.mlp.c_proj.weight)
+            if block.attn.ve_gate is not None:
+                nn.init.uniform_(block.attn.ve_gate.weight, 0.0, r.ve_gate_init)
+        for emb in self.value_embeds.values():
+            nn.init.uniform_(emb.weight, -s, s)
+        ramp = torch.arange(L, dtype=torch.float32) / max(L - 1, 1)
+        self.resid_lambdas.copy_(r.resid_lambda_init[0] + (r.resid_lambda_init[1] - r.resid_lambda_init[0]) * ramp)
+        self.x0_lambdas.copy_(r.x0_lambda_init[0] + (r.x0_lambda_init[1] - r.x0_lambda_init[0]) * ramp)
+        if r.smear:
+            nn.init.uniform_(self.smear_gate.weight, 0.0, 0.02)
+            self.smear_lambda.fill_(0.0)
+        if r.backout:
+            self.backout_lambda.fill_(0.2)
+        self.cos, self.sin = self._rotary_tables()
+        for emb in [self.transformer.wte, *self.value_embeds.values()]:
+            emb.to(dtype=self.embed_dtype)
+
+    def get_device(self):
+        return self.transformer.wte.weight.device
+
+    def attention_summary(self) -> str:
+        return describe(self.window_sizes, self.config.sequence_len, self.get_device(), self.compute_dtype)
+
+    # -- accounting ---------------------------------------------------------------------------
+
+    def num_scaling_params(self) -> dict:
+        count = lambda module: sum(p.numel() for p in module.parameters())
+        counts = {
+            "wte": count(self.transformer.wte),
+            "value_embeds": count(self.value_embeds),
+            "lm_head": count(self.lm_head),
+            "transformer_matrices": count(self.transformer.h),
+            "scalars": sum(p.numel() for p in self._scalar_params()),
+        }
+        counts["total"] = sum(counts.values())
+        assert counts["total"] == sum(p.numel() for p in self.parameters()), "a parameter is not accounted for"
+        return counts
+
+    def _scalar_params(self):
+        params = [self.resid_lambdas, self.x0_lambdas]
+        if self.recipe.smear:
+            params += [self.smear_gate.weight, self.smear_lambda]
+        if self.recipe.backout:
+            params.append(self.backout_lambda)
+        return params
+
+    def num_matmul_params(self) -> int:
+        """Weights of every custom Linear: block matrices (incl. ve_gate), padded lm_head, smear_gate."""
+        return sum(m.weight.numel() for m in self.modules() if isinstance(m, Linear))
+
+    def estimate_flops(self) -> float:
+        """Training (forward + backward) FLOPs per token at sequence_len: 6 per matmul weight,
+        plus 12 * h * d per visible key for the attention scores and the weighted sum."""
+        T, h = self.config.sequence_len, self.config.n_head
+        head_dim = self.config.n_embd // h
+        attn = sum(12 * h * head_dim * min(w, T) for w in self.window_sizes)
+        return float(6 * self.num_matmul_params() + attn)
+
+    # -- optimizer ----------------------------------------------------------------------------
+
+    def optimizer_groups(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0,
+                         scalar_lr=0.5) -> list:
+        """Param groups for MuonAdamW: AdamW for embeddings, head and scalars (lrs scaled by
+        1/sqrt(width/768)), Muon for everything inside the blocks, one group per shape."""
+        r = self.recipe
+        dls = (self.config.n_embd / 768) ** -0.5
+
+        def adamw(name, params, lr):
+            betas, wd = r.adamw[name]
+            return dict(kind="adamw", params=params, lr=lr, betas=betas, eps=1e-10, weight_decay=wd, initial_lr=lr)
+
+        groups = [
+            adamw("lm_head", list(self.lm_head.parameters()), unembedding_lr * dls),
+            adamw("wte", list(self.transformer.wte.parameters()), embedding_lr * dls),
+            adamw("value_embeds", list(self.value_embeds.parameters()), r.ve_lr_mult * embedding_lr * dls),
+            adamw("resid_lambdas", [self.resid_lambdas], 0.01 * scalar_lr),
+            adamw("x0_lambdas", [self.x0_lambdas], scalar_lr),
+        ]
+        smear = self._scalar_params()[2:]  # smear_gate, smear_lambda, backout_lambda, where present
+        if smear:
+            groups.append(adamw("smear", smear, 0.2))  # fixed lr: not width- or batch-scaled
+        block_params = list(self.transformer.h.parameters())
+        for shape in sorted({tuple(p.shape) for p in block_params}):
+            params = [p for p in block_params if tuple(p.shape) == shape]
+            groups.append(dict(kind="muon", params=params, lr=matrix_lr, momentum=0.95, ns_steps=5,
+                               beta2=r.muon_beta2, weight_decay=weight_decay, initial_lr=matrix_lr))
+        assert sum(len(g["params"]) for g in groups) == len(list(self.parameters())), "a parameter has no group"
+        return groups
+
+    def setup_optimizer(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0,
+                        scalar_lr=0.5):
+        from picochat.optim import MuonAdamW
+
+        groups = self.optimizer_groups(unembedding_lr, embedding_lr, matrix_lr, weight_decay, scalar_lr)
+        # Polar Express runs in bf16 only when we compute in bf16; fp16 is unstable there
+        muon_dtype = torch.bfloat16 if self.compute_dtype == torch.bfloat16 else torch.float32
+        return MuonAdamW(groups, muon_dtype=muon_dtype)
+
+    # -- forward ------------------------------------------------------------------------------
+
+    def forward(self, idx, targets=None, loss_reduction="mean"):
+        B, T = idx.shape
+        if T > self.rotary_len:
+            raise PicochatError(f"sequence of {T} tokens is longer than the rotary table ({self.rotary_len})")
+        # positions 0..T-1; a KV cache would offset this slice by the cache position
+        cos, sin = self.cos[:, :T], self.sin[:, :T]
+        x = norm(self.transformer.wte(idx).to(self.compute_dtype))
+        if self.recipe.smear:
+            x = self.smear(x)
+        x0 = x
+        x_mid = None
+        for i, block in enumerate(self.transformer.h):
+            # 0-d fp32 lambdas do not promote bf16 activations
+            x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+            ve = self.value_embeds[str(i)](idx).to(x.dtype) if str(i) in self.value_embeds else None
+            x = block(x, ve, cos, sin)
+            if i == self.config.n_layer // 2:
+                x_mid = x
+        if self.recipe.backout:
+            x = x - self.backout_lambda.to(x.dtype) * x_mid
+        logits = self.lm_head(norm(x))[..., : self.config.vocab_size].float()
+        logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1,
+                               reduction=loss_reduction)
+
+    def smear(self, x):
+        """x_t += smear_lambda * sigmoid(smear_gate(x_t[:24])) * x_{t-1} for t >= 1, using the
+        pre-smear x_{t-1}. Crosses document boundaries; a KV cache must keep the last x."""
+        gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[:, 1:, :SMEAR_CHANNELS]))
+        return torch.cat([x[:, :1], x[:, 1:] + gate * x[:, :-1]], dim=1)
+
+    @torch.inference_mode()
+    def generate(self, tokens, max_tokens, temperature=1.0, top_k=None, seed=42):
+        """Naive sampling for one sequence: reruns the full forward per token (no cache).
+        Yields token ids. temperature 0 = greedy; top_k None or 0 = no top-k."""
+        device = self.get_device()
+        rng = torch.Generator(device=device)
+        rng.manual_seed(seed)
+        ids = torch.tensor([list(tokens)], dtype=torch.long, device=device)
+        for _ in range(max_tokens):
+            logits = self.forward(ids)[:, -1, :]
+            if top_k:
+                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, -float("inf"))
+            if temperature > 0:
+                probs = F.softmax(logits / temperature, dim=-1)
+                next_id = torch.multinomial(probs, num_samples=1, generator=rng)
+            else:
+                next_id = torch.argmax(logits, dim=-1, keepdim=True)
+            ids = torch.cat([ids, next_id], dim=1)
+            yield next_id.item()
+
+
+def build_model(config: GPTConfig, device, compute_dtype) -> GPT:
+    """Construct on the meta device (no memory, no wasted init), materialize on `device`,
+    then initialize every tensor explicitly."""
+    with torch.device("meta"):
+        model = GPT(config, compute_dtype)
+    model.to_empty(device=device)
+    model.init_weights()
+    print0(model.attention_summary())
+    return model

@@ -1,0 +1,294 @@
+"""base-train: hyperparameters derived from depth (against the reference's table),
+schedules at hand-computed points, the MFU formula, and real training runs on CPU:
+a depth-2 model learns, resumed runs (from a periodic checkpoint and after SIGTERM)
+reproduce the uninterrupted run's losses bit for bit, the compiled path runs, and
+bad input gives one clear error."""
+
+import dataclasses
+import gc
+import json
+import math
+import os
+import signal
+import threading
+import time
+
+import pytest
+import torch
+
+from picochat import checkpoint as ckpt
+from picochat import cli
+from picochat.base_train import (
+    TrainConfig,
+    grad_accum_steps,
+    lr_multiplier,
+    main,
+    model_flops_utilization,
+    muon_momentum,
+    muon_weight_decay,
+    plan_training,
+    reference_scaling_params,
+    run,
+    scaling_params,
+)
+from picochat.common import PicochatError
+from picochat.gpt import GPT, config_from_depth
+
+# ---------------------------------------------------------------------------
+# Derivation from depth and schedules: no training
+
+
+@pytest.mark.parametrize("depth, ratio, batch, iterations, lr_scale, weight_decay", [
+    # the derived table of the reference spec (vocab 32768, T 2048, ratio 12 unless noted)
+    (12, 12, 524_288, 2_520, 1.0, 0.280),
+    (20, 12, 1_048_576, 4_980, 1.414, 0.100),
+    (24, 12, 1_048_576, 8_352, 1.414, 0.0597),
+    (24, 8, 1_048_576, 5_568, 1.414, 0.0597),
+    (26, 12, 1_048_576, 10_510, 1.414, 0.0475),
+])
+def test_plan_matches_reference_table(depth, ratio, batch, iterations, lr_scale, weight_decay):
+    c = TrainConfig(depth=depth, target_param_data_ratio=ratio)
+    with torch.device("meta"):
+        model = GPT(config_from_depth(depth, 32768))
+    plan = plan_training(c, scaling_params(model), reference_scaling_params(c, 32768), model.estimate_flops())
+    assert plan.total_batch_size == batch
+    assert plan.num_iterations == iterations
+    assert plan.lr_scale == pytest.approx(lr_scale, abs=5e-4)
+    assert plan.weight_decay == pytest.approx(weight_decay, abs=5e-4)
+    assert plan.horizon == "--target-param-data-ratio"
+
+
+def test_plan_precedence_and_auto_batch_bands():
+    n_ref = 110_100_912  # d12's scaling params
+    c = TrainConfig()
+    # the batch depends only on N / N(d12): 2^round(log2(2^19 * ratio^0.383))
+    assert plan_training(c, n_ref, n_ref, 1e9).total_batch_size == 2**19
+    assert plan_training(c, int(n_ref * 4), n_ref, 1e9).total_batch_size == 2**20  # 4^0.383 = 1.70 -> 2^19.77
+    assert plan_training(c, n_ref // 4, n_ref, 1e9).total_batch_size == 2**18
+    # an explicit batch still scales lr and weight decay
+    plan = plan_training(dataclasses.replace(c, total_batch_size=2**17), n_ref, n_ref, 1e9)
+    assert (plan.total_batch_size, plan.lr_scale, plan.weight_decay) == (2**17, 0.5, 0.14)
+    # --num-iterations beats --target-flops beats the ratio
+    both = dataclasses.replace(c, num_iterations=7, target_flops=1e18)
+    assert (plan_training(both, n_ref, n_ref, 1e9).num_iterations, plan_training(both, n_ref, n_ref, 1e9).horizon) \
+        == (7, "--num-iterations")
+    flops = dataclasses.replace(c, target_flops=1e18)
+    assert plan_training(flops, n_ref, n_ref, 1e9).num_iterations == round(1e18 / (1e9 * 2**19))  # 1907
+    with pytest.raises(PicochatError, match="0 training steps"):
+        plan_training(dataclasses.replace(c, target_param_data_ratio=1e-6), n_ref, n_ref, 1e9)
+
+
+def test_grad_accum_steps():
+    assert grad_accum_steps(524_288, 32, 2048, 8) == 1
+    assert grad_accum_steps(524_288, 16, 2048, 8) == 2
+    assert grad_accum_steps(1_048_576, 4, 2048, 1) == 128
+    with pytest.raises(PicochatError, match=r"valid --device-batch-size values: 1, 2, 4, 8, 16$"):
+        grad_accum_steps(2048, 3, 128, 1)
+    with pytest.raises(PicochatError, match="not a multiple of max_seq_len x world size = 100 x 1"):
+        grad_accum_steps(2048, 1, 100, 1)
+
+
+def test_lr_multiplier():
+    # n=100, warmup 10, warmdown round(0.5*100)=50 starting after step 50, final 0.1
+    lrm = lambda it: lr_multiplier(it, 100, 10, 0.5, 0.1)
+    assert lrm(0) == pytest.approx(0.1)  # (0+1)/10
+    assert lrm(4) == pytest.approx(0.5)
+    assert lrm(9) == pytest.approx(1.0)
+    assert lrm(10) == lrm(50) == 1.0
+    assert lrm(51) == pytest.approx(0.98 + 0.02 * 0.1)  # p = 49/50
+    assert lrm(75) == pytest.approx(0.5 + 0.5 * 0.1)
+    assert lrm(100) == pytest.approx(0.1)
+    assert lr_multiplier(5, 10, 3, 0.0, 0.05) == 1.0  # no warmdown
+    assert lr_multiplier(0, 10, 0, 0.5, 0.0) == 1.0  # no warmup
+    assert lr_multiplier(10, 10, 0, 0.5, 0.0) == 0.0
+
+
+def test_muon_momentum_and_weight_decay():
+    m = lambda it: muon_momentum(it, 1000, 0.5)  # warmdown = steps 500..1000
+    assert m(0) == pytest.approx(0.85)
+    assert m(200) == pytest.approx(0.91)
+    assert m(400) == m(499) == 0.97
+    assert m(500) == pytest.approx(0.97)
+    assert m(750) == pytest.approx(0.935)
+    assert m(1000) == pytest.approx(0.90)
+    assert muon_weight_decay(0, 100, 0.2) == pytest.approx(0.2)
+    assert muon_weight_decay(50, 100, 0.2) == pytest.approx(0.1)
+    assert muon_weight_decay(25, 100, 0.2) == pytest.approx(0.1 * (1 + math.sqrt(0.5)))
+    assert muon_weight_decay(100, 100, 0.2) == pytest.approx(0.0)
+
+
+def test_mfu_formula():
+    # 1e9 FLOPs/token * 524,288 tokens in 0.5 s = 1.048576e15 FLOP/s over 8 H100s (8 * 989e12 = 7.912e15)
+    assert model_flops_utilization(1e9, 524_288, 0.5, 989e12, 8) == pytest.approx(13.25298, rel=1e-5)
+    assert model_flops_utilization(1e9, 524_288, 0.5, float("inf"), 1) == 0.0  # CPU: unknown peak
+
+
+# ---------------------------------------------------------------------------
+# Real runs: depth 2, T 64, 2 rows per pass, 256-token batches (2 accumulation steps).
+# Such a small batch gets an lr scale of sqrt(256 / 2^19) = 1/45, so the base lrs are
+# raised 10x for the model to learn visibly within 30 steps.
+
+N = 30
+
+
+@pytest.fixture
+def home(picochat_home, small_tokenizer):
+    small_tokenizer.save(picochat_home / "tokenizer")
+    return picochat_home
+
+
+def config(pretrain_dir, tag, **overrides) -> TrainConfig:
+    base = dict(depth=2, max_seq_len=64, head_dim=64, window_pattern="L", device_batch_size=2, total_batch_size=256,
+                embedding_lr=3.0, unembedding_lr=0.08, matrix_lr=0.2, num_iterations=N, warmup_steps=5,
+                eval_every=15, eval_tokens=1024, core_metric_every=-1, sample_every=-1, save_every=15,
+                dataset=str(pretrain_dir), model_tag=tag, compile="off")
+    return TrainConfig(**(base | overrides))
+
+
+def metrics(home, tag) -> list[dict]:
+    return [json.loads(line) for line in (home / "base_checkpoints" / tag / "metrics.jsonl").read_text().splitlines()]
+
+
+def deterministic(records) -> list[dict]:
+    """The records without their timings."""
+    return [{k: v for k, v in r.items() if k not in ("dt", "tok_per_s", "mfu")} for r in records]
+
+
+def test_train_learn_resume_and_determinism(home, pretrain_dir):
+    result = run(config(pretrain_dir, "a"))
+    assert result["step"] == N and gc.isenabled()
+    a = metrics(home, "a")
+    train = [r for r in a if "loss" in r]
+    evals = [r for r in a if "val_bpb" in r]
+    assert [r["step"] for r in train] == list(range(N))
+    assert [r["step"] for r in evals] == [0, 15, 30]
+    # it learns: from ln(1024) = 6.93 clearly downwards, on the training and the validation data
+    first, last = (sum(r["loss"] for r in rs) / 5 for rs in (train[:5], train[-5:]))
+    assert first == pytest.approx(math.log(1024), abs=0.1) and last < first - 0.5
+    assert evals[-1]["val_bpb"] < evals[0]["val_bpb"] - 0.3
+    # tok/s counts the whole batch (both accumulation steps), MFU is 0 on CPU
+    for r in train:
+        assert r["tok_per_s"] == pytest.approx(256 / r["dt"]) and r["mfu"] == 0.0
+        assert r["tokens"] == 256 * (r["step"] + 1) and r["flops"] > 0
+        assert r["lrm"] == lr_multiplier(r["step"], N, 5, 0.65, 0.05)
+    assert ckpt.complete_steps(home / "base_checkpoints" / "a") == [15, 30]
+    meta = json.loads((home / "base_checkpoints" / "a" / "meta_000015.json").read_text())
+    assert meta["loop_state"]["evals_done"] and meta["val_bpb"] == evals[1]["val_bpb"]
+    assert (meta["world_size"], meta["preset"], meta["total_batch_size"]) == (1, "default", 256)
+
+    # resume from the step-15 checkpoint: metrics after it are dropped and redone identically
+    run(config(pretrain_dir, "a", resume_from_step=15))
+    assert deterministic(metrics(home, "a")) == deterministic(a)
+
+    # another seed starts elsewhere
+    run(config(pretrain_dir, "c", seed=7, num_iterations=2, eval_every=-1, save_every=-1))
+    assert [r["loss"] for r in metrics(home, "c")] != [r["loss"] for r in train[:2]]
+
+    # SIGTERM mid-run: the step finishes, a checkpoint is saved, the run stops
+    path = home / "base_checkpoints" / "d" / "metrics.jsonl"
+
+    def terminate_after_steps(count):
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if path.exists() and sum('"loss"' in line for line in path.read_text().splitlines()) >= count:
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(0.005)
+
+    killer = threading.Thread(target=terminate_after_steps, args=(4,))
+    killer.start()
+    with pytest.raises(KeyboardInterrupt):
+        run(config(pretrain_dir, "d", save_every=-1))
+    killer.join()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # our handler is gone again
+    (stopped,) = ckpt.complete_steps(home / "base_checkpoints" / "d")
+    assert 4 <= stopped < N
+    assert not ckpt.load_meta(home / "base_checkpoints" / "d", stopped)["loop_state"]["evals_done"]
+    # up to there it is a second fresh run with the same seed: the same metrics as the first
+    d = metrics(home, "d")
+    assert len([r for r in d if "loss" in r]) == stopped
+    assert deterministic(d) == deterministic(a[:len(d)])
+    # --resume continues to exactly the uninterrupted run's metrics
+    run(config(pretrain_dir, "d", save_every=-1, resume=True))
+    assert deterministic(metrics(home, "d")) == deterministic(a)
+
+
+@pytest.mark.slow
+def test_compiled_path(home, pretrain_dir):
+    # compiling the model takes most of this test's time (the optimizer's kernels, compiled per
+    # parameter shape, are already compiled for these shapes by the other runs)
+    small = dict(num_iterations=3, eval_every=-1, save_every=-1)
+    run(config(pretrain_dir, "eager", **small))
+    run(config(pretrain_dir, "compiled", compile="on", **small))
+    eager, compiled = ([r["loss"] for r in metrics(home, tag)] for tag in ("eager", "compiled"))
+    assert len(compiled) == 3 and all(math.isfinite(x) for x in compiled)
+    assert compiled == pytest.approx(eager, rel=1e-5)
+    # the checkpoint of a compiled model has plain keys and loads for evaluation
+    model, _, meta = ckpt.load_model("base", "cpu", torch.float32, model_tag="compiled")
+    assert meta["step"] == 3 and not any(k.startswith("_orig_mod") for k in model.state_dict())
+
+
+def test_core_samples_and_wandb_hooks(home, pretrain_dir, monkeypatch, capsys):
+    # a two-task bundle whose second task has no data file: CORE in training runs the present one
+    shared = pretrain_dir.parent / "eval_bundle"
+    bundle = home / "mini_bundle"
+    (bundle / "eval_data" / "commonsense_reasoning").mkdir(parents=True)
+    (bundle / "eval_meta_data.csv").write_text((shared / "eval_meta_data.csv").read_text())
+    copa = "commonsense_reasoning/copa.jsonl"
+    (bundle / "eval_data" / copa).write_text((shared / "eval_data" / copa).read_text())
+    (bundle / "core.yaml").write_text(
+        "icl_tasks:\n"
+        f"- {{label: copa, dataset_uri: {copa}, num_fewshot: [0], icl_task_type: multiple_choice}}\n"
+        "- {label: squad, dataset_uri: reading_comprehension/squad.jsonl, num_fewshot: [10], "
+        "icl_task_type: language_modeling}\n")
+    monkeypatch.setenv("PICOCHAT_EVAL_BUNDLE", str(bundle))
+    monkeypatch.setenv("WANDB_MODE", "disabled")  # in case wandb is installed: never reach the network
+    run(config(pretrain_dir, "hooks", num_iterations=2, eval_every=-1, core_metric_every=1,
+               core_metric_max_per_task=4, sample_every=2, run="named"))
+    core = [r for r in metrics(home, "hooks") if "core" in r]
+    assert [r["step"] for r in core] == [1, 2]
+    assert all(-1 <= r["core"] <= 1 for r in core)  # centered accuracy of copa (baseline 50%)
+    out = capsys.readouterr().out
+    assert "CORE during training is partial (1/2 tasks)" in out and "CORE (partial, 1/2 tasks)" in out
+    assert "'The capital of France is' -> " in out
+
+    (bundle / "core.yaml").unlink()  # a broken bundle fails before any training, not at the first CORE
+    with pytest.raises(PicochatError, match="no core.yaml"):
+        run(config(pretrain_dir, "hooks2", core_metric_every=1))
+    assert not (home / "base_checkpoints" / "hooks2").exists()
+
+
+# ---------------------------------------------------------------------------
+# Errors
+
+
+def test_errors(home, pretrain_dir, monkeypatch, capsys):
+    with pytest.raises(PicochatError, match="--fp8 is not supported yet"):
+        run(config(pretrain_dir, "e", fp8=True))
+    with pytest.raises(PicochatError, match="either --resume .* or --resume-from-step"):
+        run(config(pretrain_dir, "e", resume=True, resume_from_step=3))
+    with pytest.raises(PicochatError, match="valid --device-batch-size values: 1, 2, 4$"):
+        run(config(pretrain_dir, "e", device_batch_size=3))
+    with pytest.raises(PicochatError, match="does not exist"):
+        run(config(pretrain_dir, "e", dataset=str(home / "no_such_data")))
+    with pytest.raises(PicochatError, match="no complete checkpoint at step 3 .*saved: none"):
+        run(config(pretrain_dir, "e", resume_from_step=3))
+
+    run(config(pretrain_dir, "e", num_iterations=2, eval_every=-1))
+    with pytest.raises(PicochatError, match="another model config.*n_layer 2 vs 3"):
+        run(config(pretrain_dir, "e", num_iterations=2, depth=3, resume=True))
+    meta_file = ckpt.meta_path(home / "base_checkpoints" / "e", 2)
+    meta = json.loads(meta_file.read_text())
+    meta_file.write_text(json.dumps(meta | {"world_size": 2}))
+    with pytest.raises(PicochatError, match="saved by 2 process.*same number"):
+        run(config(pretrain_dir, "e", num_iterations=2, resume=True))
+
+    # the CLI prints the one-line error, no traceback
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(main, ["--fp8"])
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err.strip() == "error: --fp8 is not supported yet (picochat trains in bf16/fp32)"
+
+    (home / "tokenizer" / "tokenizer.pkl").unlink()
+    with pytest.raises(PicochatError, match="run `picochat tok-train` first"):
+        run(config(pretrain_dir, "e"))

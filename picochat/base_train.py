@@ -87,11 +87,12 @@ class TrainConfig:
     # optimization
     device_batch_size: int = 32
     total_batch_size: int = -1
-    embedding_lr: float = 0.3
-    unembedding_lr: float = 0.008
-    weight_decay: float = 0.28
-    matrix_lr: float = 0.02
-    scalar_lr: float = 0.5
+    # None = the preset's value (RECIPES[preset].train_defaults; default preset: 0.3, 0.008, 0.28, 0.02, 0.5)
+    embedding_lr: float | None = None
+    unembedding_lr: float | None = None
+    weight_decay: float | None = None
+    matrix_lr: float | None = None
+    scalar_lr: float | None = None
     warmup_steps: int = 40
     warmdown_ratio: float = 0.65
     final_lr_frac: float = 0.05
@@ -378,7 +379,14 @@ def check_resumable(meta: dict, model_config, c: TrainConfig, world_size: int, w
                             "resume with the same value")
 
 
+def with_preset_defaults(c: TrainConfig) -> TrainConfig:
+    """Fill the lr and weight-decay flags left unset from the preset's own constants."""
+    defaults = RECIPES[c.preset].train_defaults
+    return dataclasses.replace(c, **{k: v for k, v in defaults.items() if getattr(c, k) is None})
+
+
 def run(c: TrainConfig) -> dict:
+    c = with_preset_defaults(c)
     check_config(c)
     rt = compute_init(c.device_type, seed=c.seed)
     try:
@@ -618,7 +626,8 @@ def main(argv=None):
                    help="per-layer attention windows, tiled over the layers (L = full context, S = short: a "
                    "quarter of it in the default preset); the last layer is always L")
     g.add_argument("--preset", default=d.preset, choices=list(RECIPES),
-                   help="architecture preset of the model (base-train's own defaults and schedules are the same)")
+                   help="recipe preset: architecture, init, optimizer constants and the lr/weight-decay "
+                   "defaults (schedules stay the current recipe's)")
     g = p.add_argument_group("training horizon (the first one given wins)")
     g.add_argument("--num-iterations", type=int, default=d.num_iterations, help="number of steps (-1 = derive)")
     g.add_argument("--target-flops", type=float, default=d.target_flops, help="total training FLOPs (-1 = off)")
@@ -628,11 +637,16 @@ def main(argv=None):
     g.add_argument("--device-batch-size", type=int, default=d.device_batch_size, help="rows per forward pass")
     g.add_argument("--total-batch-size", type=int, default=d.total_batch_size,
                    help="tokens per optimizer step (-1 = derive from the model size)")
-    g.add_argument("--embedding-lr", type=float, default=d.embedding_lr, help="AdamW lr of the embeddings")
-    g.add_argument("--unembedding-lr", type=float, default=d.unembedding_lr, help="AdamW lr of lm_head")
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="Muon weight decay (before scaling)")
-    g.add_argument("--matrix-lr", type=float, default=d.matrix_lr, help="Muon lr of the block matrices")
-    g.add_argument("--scalar-lr", type=float, default=d.scalar_lr, help="AdamW lr of the per-layer scalars")
+    g.add_argument("--embedding-lr", type=float, default=None,
+                   help="AdamW lr of the embeddings ; unset: the preset's value, 0.3 in the default preset")
+    g.add_argument("--unembedding-lr", type=float, default=None,
+                   help="AdamW lr of lm_head ; unset: the preset's value, 0.008 in the default preset")
+    g.add_argument("--weight-decay", type=float, default=None,
+                   help="Muon weight decay (before scaling) ; unset: the preset's value, 0.28 in the default preset")
+    g.add_argument("--matrix-lr", type=float, default=None,
+                   help="Muon lr of the block matrices ; unset: the preset's value, 0.02 in the default preset")
+    g.add_argument("--scalar-lr", type=float, default=None,
+                   help="AdamW lr of the per-layer scalars ; unset: the preset's value, 0.5 in the default preset")
     g.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="steps of linear lr warmup")
     g.add_argument("--warmdown-ratio", type=float, default=d.warmdown_ratio,
                    help="fraction of the steps over which the lr decays at the end")

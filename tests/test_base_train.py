@@ -30,6 +30,7 @@ from picochat.base_train import (
     reference_scaling_params,
     run,
     scaling_params,
+    with_preset_defaults,
 )
 from picochat.common import PicochatError
 from picochat.gpt import GPT, config_from_depth
@@ -47,7 +48,7 @@ from picochat.gpt import GPT, config_from_depth
     (26, 12, 1_048_576, 10_510, 1.414, 0.0475),
 ])
 def test_plan_matches_reference_table(depth, ratio, batch, iterations, lr_scale, weight_decay):
-    c = TrainConfig(depth=depth, target_param_data_ratio=ratio)
+    c = with_preset_defaults(TrainConfig(depth=depth, target_param_data_ratio=ratio))
     with torch.device("meta"):
         model = GPT(config_from_depth(depth, 32768))
     plan = plan_training(c, scaling_params(model), reference_scaling_params(c, 32768), model.estimate_flops())
@@ -58,9 +59,17 @@ def test_plan_matches_reference_table(depth, ratio, batch, iterations, lr_scale,
     assert plan.horizon == "--target-param-data-ratio"
 
 
+def test_preset_fills_unset_lrs():
+    jan29 = with_preset_defaults(TrainConfig(preset="jan29", matrix_lr=0.03))
+    assert (jan29.unembedding_lr, jan29.weight_decay, jan29.matrix_lr) == (0.004, 0.2, 0.03)
+    default = with_preset_defaults(TrainConfig())
+    assert (default.embedding_lr, default.unembedding_lr, default.weight_decay, default.matrix_lr,
+            default.scalar_lr) == (0.3, 0.008, 0.28, 0.02, 0.5)
+
+
 def test_plan_precedence_and_auto_batch_bands():
     n_ref = 110_100_912  # d12's scaling params
-    c = TrainConfig()
+    c = with_preset_defaults(TrainConfig())
     # the batch depends only on N / N(d12): 2^round(log2(2^19 * ratio^0.383))
     assert plan_training(c, n_ref, n_ref, 1e9).total_batch_size == 2**19
     assert plan_training(c, int(n_ref * 4), n_ref, 1e9).total_batch_size == 2**20  # 4^0.383 = 1.70 -> 2^19.77

@@ -21,7 +21,8 @@ metrics.jsonl (in the run's checkpoint folder; rank 0 writes it, one JSON object
       dt        seconds the step took; tok_per_s = total batch tokens / dt
       mfu       model FLOPs utilization in percent (0 where the device's peak is unknown, e.g. CPU)
       tokens, flops   totals trained on so far, including this step
-  evaluation: {"step", "val_bpb"} and/or "core" (the weights after `step` updates)
+  evaluation: {"step", "val_bpb"} and/or "core" ("core_partial" over fewer than 22 tasks)
+              (the weights after `step` updates)
 A resumed run first drops the lines written after its checkpoint (training lines with
 step >= the checkpoint's step, evaluation lines with a larger step), then appends.
 """
@@ -515,7 +516,9 @@ def train(c: TrainConfig, rt, stop) -> dict:
                 if c.core_metric_every > 0 and (last_step or (step > 0 and step % c.core_metric_every == 0)):
                     results = evaluate_core(orig_model, tokenizer, device, max_per_task=c.core_metric_max_per_task,
                                             tasks=core_tasks)
-                    record["core"] = results["metric"]
+                    # a subset of the 22 tasks is never logged as CORE
+                    key = "core" if results["core"] is not None else "core_partial"
+                    record[key] = results["metric"]
                     print0(f"step {step:05d} | {results['metric_name']}: {results['metric']:.4f}")
                 if record:
                     metrics.write({"step": step, **record})

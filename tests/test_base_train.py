@@ -254,9 +254,10 @@ def test_core_samples_and_wandb_hooks(home, pretrain_dir, monkeypatch, capsys):
     monkeypatch.setenv("WANDB_MODE", "disabled")  # in case wandb is installed: never reach the network
     run(config(pretrain_dir, "hooks", num_iterations=2, eval_every=-1, core_metric_every=1,
                core_metric_max_per_task=4, sample_every=2, run="named"))
-    core = [r for r in metrics(home, "hooks") if "core" in r]
+    core = [r for r in metrics(home, "hooks") if "core_partial" in r]
+    assert not any("core" in r for r in metrics(home, "hooks"))  # a task subset is never logged as CORE
     assert [r["step"] for r in core] == [1, 2]
-    assert all(-1 <= r["core"] <= 1 for r in core)  # centered accuracy of copa (baseline 50%)
+    assert all(-1 <= r["core_partial"] <= 1 for r in core)  # centered accuracy of copa (baseline 50%)
     out = capsys.readouterr().out
     assert "CORE during training is partial (1/2 tasks)" in out and "CORE (partial, 1/2 tasks)" in out
     assert "'The capital of France is' -> " in out

@@ -1,10 +1,13 @@
-"""CORE evaluation speed: several examples per forward pass (picochat, up to a token budget)
-vs one example per forward (the reference's grouping, budget 1), on a randomly initialised
-GPT. Asserts that every budget gives the same score on every task, and prints wall time and
-examples/s for each.
+"""CORE evaluation speed: several examples per forward pass (picochat, up to a token budget),
+with and without running each example's shared prompt prefix once, vs one example per forward
+with every option in full (the reference's way), on a randomly initialised GPT. Asserts that
+every mode gives the same score on every task, and prints wall time and examples/s for each.
 
     python bench/bench_core.py                       # depth 4, CPU, 50 examples per task
-    python bench/bench_core.py --device cuda --depth 12 --max-per-task 500 --batch-tokens 1,8192,32768
+    python bench/bench_core.py --device cuda --depth 12 --max-per-task 500 --modes 1,8192,8192+share,32768+share
+
+A mode is a token budget per forward (1 = one example per forward), "+share" to share prefixes
+where it pays (picochat's default), "+noshare" never to.
 
 The eval bundle comes from PICOCHAT_EVAL_BUNDLE (or is downloaded); tasks whose data file is
 missing are skipped (a partial CORE). The tokenizer is $PICOCHAT_HOME's if there is one, else
@@ -38,8 +41,9 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--depth", type=int, default=4, help="model depth (width = 64 x depth)")
     p.add_argument("--max-per-task", type=int, default=50, help="examples per task")
-    p.add_argument("--batch-tokens", default=f"1,{BATCH_TOKENS}",
-                   help="token budgets per forward to compare (1 = one example per forward); the first is the baseline")
+    p.add_argument("--modes", default=f"1+noshare,{BATCH_TOKENS}+noshare,{BATCH_TOKENS}+share",
+                   help="modes to compare: a token budget per forward (1 = one example per forward) with +share or "
+                        "+noshare (prefix sharing where it pays, or never); the first is the baseline")
     p.add_argument("--device", default="cpu", help="cpu, cuda or mps")
     p.add_argument("--vocab-size", type=int, default=4096, help="vocab of the fallback tokenizer")
     p.add_argument("--train-data", default=str(REPO.parent / "shared" / "data" / "pretrain"),
@@ -63,22 +67,26 @@ def main():
           f"{torch.get_num_threads()} threads")
 
     runs = {}
-    for budget in [int(b) for b in args.batch_tokens.split(",")]:
+    for mode in args.modes.split(","):
+        budget, _, share = mode.partition("+")
+        if share not in ("share", "noshare"):
+            raise SystemExit(f"mode {mode!r}: write BUDGET+share or BUDGET+noshare")
         synchronize(device)
         t0 = time.perf_counter()
-        result = evaluate_core(model, tokenizer, device, args.max_per_task, tasks, budget)
+        result = evaluate_core(model, tokenizer, device, args.max_per_task, tasks, int(budget),
+                               share_prefix=None if share == "share" else False)
         synchronize(device)
-        runs[budget] = (time.perf_counter() - t0, result)
+        runs[mode] = (time.perf_counter() - t0, result)
 
     (_, (base_s, base)), *others = runs.items()
-    for budget, (_, result) in others:
+    for mode, (_, result) in others:
         for label, r in result["tasks"].items():
-            assert r["accuracy"] == base["tasks"][label]["accuracy"], (label, budget)
-    print(f"\nsame accuracy on all {len(tasks)} tasks for batch token budgets {', '.join(map(str, runs))}; "
+            assert r["accuracy"] == base["tasks"][label]["accuracy"], (label, mode)
+    print(f"\nsame accuracy on all {len(tasks)} tasks in modes {', '.join(runs)}; "
           f"{base['metric_name']} = {base['metric']:.4f}")
-    print(f"{'batch tokens':>12} {'wall s':>8} {'examples/s':>11} {'speedup':>8}")
-    for budget, (seconds, result) in runs.items():
-        print(f"{budget:>12} {seconds:>8.1f} {result['examples'] / seconds:>11.2f} {base_s / seconds:>7.2f}x")
+    print(f"{'mode':>16} {'wall s':>8} {'examples/s':>11} {'speedup':>8}")
+    for mode, (seconds, result) in runs.items():
+        print(f"{mode:>16} {seconds:>8.1f} {result['examples'] / seconds:>11.2f} {base_s / seconds:>7.2f}x")
 
 
 if __name__ == "__main__":

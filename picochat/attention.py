@@ -17,9 +17,15 @@ Three backends, chosen per call from the device, the dtype and whether the windo
 
 Force one backend with PICOCHAT_ATTENTION=fa3|flex|sdpa or force_backend(name) (tests, benchmarks).
 The (B, T, H, D) layout and the per-call window leave room for a KV cache (Tq != Tk) later.
+
+A fourth case is not a backend choice: a Packing (several sequences that share a prefix, packed
+into one row; CORE uses it to run a few-shot prompt once for all its answer options) always runs
+SDPA with a dense mask built from the packing.
 """
 
 import os
+from collections import OrderedDict
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -122,7 +128,37 @@ def describe(windows, seq_len: int, device, dtype) -> str:
 # The backends. All take and return (B, T, H, D).
 
 
-def attention(q, k, v, window: int):
+@dataclass
+class Packing:
+    """Sequences that share a prefix, packed into one row: the prefix once, then the rest of each
+    sequence. A token sees the earlier tokens of its own sequence and nothing else.
+    - positions: (B, T) long, each token's position in its own sequence (RoPE, windows)
+    - segments:  (B, T) long, 0 for the shared prefix (seen by every sequence of the row), s > 0
+      for the tokens of sequence s only; padding gets its own segment, so it sees itself
+    - prev:      (B, T) long, row index of the token before this one in its sequence (any value at
+      position 0), for smear
+    Plain causal rows are positions 0..T-1, one segment and prev = index - 1."""
+    positions: torch.Tensor
+    segments: torch.Tensor
+    prev: torch.Tensor
+    _masks: dict = field(default_factory=dict, repr=False)  # per window, shared by the layers
+
+    def mask(self, window: int) -> torch.Tensor:
+        """(B, 1, T, T) bool, True where query r may attend to key c."""
+        if window not in self._masks:
+            T = self.positions.size(1)
+            idx = torch.arange(T, device=self.positions.device)
+            seg_q, seg_k = self.segments[:, :, None], self.segments[:, None, :]
+            visible = (idx[None, None, :] <= idx[None, :, None]) & ((seg_k == 0) | (seg_k == seg_q))
+            if window >= 0:
+                visible &= self.positions[:, :, None] - self.positions[:, None, :] <= window
+            self._masks[window] = visible[:, None]
+        return self._masks[window]
+
+
+def attention(q, k, v, window: int, packing: Packing | None = None):
+    if packing is not None:
+        return sdpa_packed_attention(q, k, v, packing.mask(window))
     name = backend_name(window, q.size(1), q.device, q.dtype)
     if name == "fa3":
         return fa3_attention(q, k, v, window)
@@ -143,13 +179,19 @@ def fa3_attention(q, k, v, window: int):
 # Masks are cached per (kind, T, window, device) and built outside any torch.compile trace:
 # a compiled model then reads a finished mask instead of rebuilding it in its graph every step
 # (and inductor on CPU cannot lower flex_attention on a block mask built inside the graph).
-_masks = {}
+# Training uses one or two; evaluation sees many lengths, so only the most recent are kept.
+MAX_CACHED_MASKS = 16
+_masks = OrderedDict()
 
 
 def cached_mask(kind: str, seq_len: int, window: int, device):
     key = (kind, seq_len, window, torch.device(device))
-    if key not in _masks:
+    if key in _masks:
+        _masks.move_to_end(key)
+    else:
         _masks[key] = _build_mask(kind, seq_len, window, torch.device(device))
+        if len(_masks) > MAX_CACHED_MASKS:
+            _masks.popitem(last=False)
     return _masks[key]
 
 
@@ -180,6 +222,12 @@ def sdpa_attention(q, k, v, window: int):
     else:
         mask = cached_mask("dense", T, window, q.device)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    return y.transpose(1, 2)
+
+
+def sdpa_packed_attention(q, k, v, mask):
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.size(1) != k.size(1))
     return y.transpose(1, 2)
 
 

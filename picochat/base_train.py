@@ -7,6 +7,13 @@ to the total batch, sets the scheduled lr / Muon momentum / Muon weight decay on
 optimizer's groups and steps. Along the way: validation bits per byte, the CORE
 metric, greedy samples and checkpoints, each on its own cadence.
 
+--preset picks a recipe from gpt.RECIPES, where all its values live. Besides the model it
+sets the defaults of the lr, weight-decay, warmup and warmdown flags, the Muon momentum
+schedule, the weight-decay schedule (cosine or linear to 0) and its scaling with depth,
+and the Muon variant (Polar Express normalization, MuonEq, Muon+). "default" is the current
+reference; "jan29" the 2026-01-29 leaderboard record, including its fixed 524,288-token batch
+(the depth-derived batch came later). The run prints the schedules it uses.
+
 Resume is exact: a checkpoint holds the model, every rank's optimizer shard, data
 loader state, RNG states and the loop's own state, so on CPU in fp32 a resumed run
 produces bit-identical losses to an uninterrupted one (same world size). Ctrl-C or
@@ -57,14 +64,13 @@ from picochat.common import (
 from picochat.core_eval import evaluate_core, load_bundle, load_tasks
 from picochat.dataloader import DataLoader
 from picochat.dataset import DEFAULT_DATASET, data_dir_for, split_files
-from picochat.gpt import GPT, RECIPES, build_model, config_from_depth
+from picochat.gpt import GPT, RECIPES, Recipe, build_model, config_from_depth
 from picochat.loss_eval import evaluate_bpb
 from picochat.tokenizer import get_token_bytes, get_tokenizer
 
 B_REF = 2**19  # total batch (tokens) of the reference model, d12
 REF_DEPTH = 12
 BATCH_EXPONENT = 0.383  # Power Lines: the optimal batch grows as tokens^0.383
-MOMENTUM_WARMUP_STEPS = 400
 EMA_BETA = 0.9
 UNTIMED_STEPS = 10  # compile and warmup steps left out of the training time
 
@@ -87,16 +93,16 @@ class TrainConfig:
     target_param_data_ratio: float = 12.0
     # optimization
     device_batch_size: int = 32
-    total_batch_size: int = -1
-    # None = the preset's value (RECIPES[preset].train_defaults; default preset: 0.3, 0.008, 0.28, 0.02, 0.5)
+    total_batch_size: int | None = None  # None = the preset's value; -1 = derive from the model size
+    # None = the preset's value (RECIPES[preset].train_defaults)
     embedding_lr: float | None = None
     unembedding_lr: float | None = None
     weight_decay: float | None = None
     matrix_lr: float | None = None
     scalar_lr: float | None = None
-    warmup_steps: int = 40
-    warmdown_ratio: float = 0.65
-    final_lr_frac: float = 0.05
+    warmup_steps: int | None = None
+    warmdown_ratio: float | None = None
+    final_lr_frac: float | None = None
     # resume
     resume: bool = False
     resume_from_step: int = -1
@@ -124,7 +130,7 @@ class Plan:
     target_tokens: int  # ratio * scaling_params
     total_batch_size: int  # tokens per optimizer step
     lr_scale: float  # multiplies every lr (AdamW groups and Muon)
-    weight_decay: float  # Muon weight decay at step 0 (then cosine to 0)
+    weight_decay: float  # Muon weight decay at step 0 (then to 0 by the preset's wd_schedule)
     num_iterations: int
     horizon: str  # which flag decided num_iterations
 
@@ -147,7 +153,8 @@ def plan_training(c: TrainConfig, n_params: int, n_ref_params: int, flops_per_to
     every depth trains at the same tokens-per-parameter point:
       - batch: B = 2^round(log2(B_REF * (D/D_REF)^0.383)) unless --total-batch-size is given;
       - lr scale: sqrt(B/B_REF) (Adam-style square-root scaling);
-      - Muon weight decay: wd * sqrt(B/B_REF) * D_REF/D, which keeps B/(lr*wd*D) constant;
+      - Muon weight decay: wd * sqrt(B/B_REF) * D_REF/D, which keeps B/(lr*wd*D) constant (the
+        preset's wd_scaling "t_epoch"), or wd * (12/depth)^2 ("depth_squared", the jan29 recipe);
       - iterations: --num-iterations, else --target-flops / (flops per token * B), else D // B."""
     target_tokens = int(c.target_param_data_ratio * n_params)
     ref_tokens = c.target_param_data_ratio * n_ref_params
@@ -156,7 +163,13 @@ def plan_training(c: TrainConfig, n_params: int, n_ref_params: int, flops_per_to
     else:
         batch = 2 ** round(math.log2(B_REF * (target_tokens / ref_tokens) ** BATCH_EXPONENT))
     lr_scale = math.sqrt(batch / B_REF)
-    weight_decay = c.weight_decay * lr_scale * ref_tokens / target_tokens
+    wd_scaling = RECIPES[c.preset].wd_scaling
+    if wd_scaling == "t_epoch":
+        weight_decay = c.weight_decay * lr_scale * ref_tokens / target_tokens
+    elif wd_scaling == "depth_squared":
+        weight_decay = c.weight_decay * (REF_DEPTH / c.depth) ** 2
+    else:
+        raise ValueError(f"unknown wd_scaling {wd_scaling!r}")
     if c.num_iterations > 0:
         iterations, horizon = c.num_iterations, "--num-iterations"
     elif c.target_flops > 0:
@@ -202,19 +215,26 @@ def lr_multiplier(it: int, n: int, warmup_steps: int, warmdown_ratio: float, fin
     return progress + (1 - progress) * final_lr_frac
 
 
-def muon_momentum(it: int, n: int, warmdown_ratio: float) -> float:
-    """0.85 -> 0.97 over the first 400 steps, 0.97, then 0.97 -> 0.90 over the warmdown."""
+def muon_momentum(it: int, n: int, warmdown_ratio: float, recipe: Recipe) -> float:
+    """Linear from the recipe's momentum_start to momentum_peak over its first momentum_warmup
+    steps, then momentum_peak, then linear to momentum_final at step n over the lr warmdown."""
+    r = recipe
     warmdown = warmdown_steps(n, warmdown_ratio)
-    if it < MOMENTUM_WARMUP_STEPS:
-        return 0.85 + (0.97 - 0.85) * it / MOMENTUM_WARMUP_STEPS
+    if it < r.momentum_warmup:
+        return r.momentum_start + (r.momentum_peak - r.momentum_start) * it / r.momentum_warmup
     if warmdown > 0 and it >= n - warmdown:
-        return 0.97 + (0.90 - 0.97) * (it - (n - warmdown)) / warmdown
-    return 0.97
+        return r.momentum_peak + (r.momentum_final - r.momentum_peak) * (it - (n - warmdown)) / warmdown
+    return r.momentum_peak
 
 
-def muon_weight_decay(it: int, n: int, weight_decay: float) -> float:
-    """Cosine from weight_decay at step 0 to 0 at step n."""
-    return weight_decay * 0.5 * (1 + math.cos(math.pi * it / n))
+def muon_weight_decay(it: int, n: int, weight_decay: float, schedule: str) -> float:
+    """From weight_decay at step 0 to 0 at step n: a half cosine ("cosine", default) or a
+    straight line ("linear", jan29)."""
+    if schedule == "cosine":
+        return weight_decay * 0.5 * (1 + math.cos(math.pi * it / n))
+    if schedule == "linear":
+        return weight_decay * (1 - it / n)
+    raise ValueError(f"unknown weight decay schedule {schedule!r}")
 
 
 def apply_schedules(optimizer, lrm: float, momentum: float, weight_decay: float):
@@ -381,7 +401,7 @@ def check_resumable(meta: dict, model_config, c: TrainConfig, world_size: int, w
 
 
 def with_preset_defaults(c: TrainConfig) -> TrainConfig:
-    """Fill the lr and weight-decay flags left unset from the preset's own constants."""
+    """Fill the lr, weight-decay, warmup and warmdown flags left unset from the preset's values."""
     defaults = RECIPES[c.preset].train_defaults
     return dataclasses.replace(c, **{k: v for k, v in defaults.items() if getattr(c, k) is None})
 
@@ -448,6 +468,12 @@ def train(c: TrainConfig, rt, stop) -> dict:
     print0(f"steps: {n:,} (from {plan.horizon}) | tokens: {n * batch:,} ({n * batch / plan.scaling_params:.2f} per "
            f"scaling param) | total FLOPs: {flops_per_token * batch * n:.4e}")
 
+    recipe = RECIPES[c.preset]
+    print0(f"schedules ({c.preset}): lr warmup {c.warmup_steps} steps, warmdown over the last "
+           f"{warmdown_steps(n, c.warmdown_ratio)} to {c.final_lr_frac} | Muon momentum {recipe.momentum_start} -> "
+           f"{recipe.momentum_peak} over {recipe.momentum_warmup} steps -> {recipe.momentum_final} | Muon weight decay "
+           f"{recipe.wd_schedule} to 0 | Polar Express normalization {recipe.polar_express_norm}, MuonEq "
+           f"{'on' if recipe.muon_eq else 'off'}, Muon+ {'on' if recipe.muon_plus else 'off'}")
     s = plan.lr_scale
     optimizer = orig_model.setup_optimizer(unembedding_lr=c.unembedding_lr * s, embedding_lr=c.embedding_lr * s,
                                            matrix_lr=c.matrix_lr * s, weight_decay=plan.weight_decay,
@@ -545,8 +571,8 @@ def train(c: TrainConfig, rt, stop) -> dict:
                     (scaler.scale(loss) if scaler is not None else loss).backward()
                     x, y = next(train_loader)
                 lrm = lr_multiplier(step, n, c.warmup_steps, c.warmdown_ratio, c.final_lr_frac)
-                apply_schedules(optimizer, lrm, muon_momentum(step, n, c.warmdown_ratio),
-                                muon_weight_decay(step, n, plan.weight_decay))
+                apply_schedules(optimizer, lrm, muon_momentum(step, n, c.warmdown_ratio, recipe),
+                                muon_weight_decay(step, n, plan.weight_decay, recipe.wd_schedule))
                 if scaler is not None:
                     scaler.unscale_(optimizer)
                     if rt.ddp:  # every rank must skip (or take) the step together
@@ -629,31 +655,39 @@ def main(argv=None):
                    help="per-layer attention windows, tiled over the layers (L = full context, S = short: a "
                    "quarter of it in the default preset); the last layer is always L")
     g.add_argument("--preset", default=d.preset, choices=list(RECIPES),
-                   help="recipe preset: architecture, init, optimizer constants and the lr/weight-decay "
-                   "defaults (schedules stay the current recipe's)")
+                   help="recipe (picochat/gpt.py RECIPES): architecture, init, optimizer constants, the "
+                   "defaults of the lr, weight-decay, warmup and warmdown flags, the momentum and weight-decay "
+                   "schedules and the Muon variant; jan29 = the 2026-01-29 record")
     g = p.add_argument_group("training horizon (the first one given wins)")
     g.add_argument("--num-iterations", type=int, default=d.num_iterations, help="number of steps (-1 = derive)")
     g.add_argument("--target-flops", type=float, default=d.target_flops, help="total training FLOPs (-1 = off)")
     g.add_argument("--target-param-data-ratio", type=float, default=d.target_param_data_ratio,
                    help="training tokens per scaling parameter")
+    def preset_default(name):
+        values = ", ".join(f"{k} {v.train_defaults[name]}" for k, v in RECIPES.items())
+        return f"; unset: the preset's value ({values})"
+
     g = p.add_argument_group("optimization")
     g.add_argument("--device-batch-size", type=int, default=d.device_batch_size, help="rows per forward pass")
-    g.add_argument("--total-batch-size", type=int, default=d.total_batch_size,
-                   help="tokens per optimizer step (-1 = derive from the model size)")
+    g.add_argument("--total-batch-size", type=int, default=None,
+                   help="tokens per optimizer step, -1 = derive from the model size"
+                   + preset_default("total_batch_size"))
     g.add_argument("--embedding-lr", type=float, default=None,
-                   help="AdamW lr of the embeddings ; unset: the preset's value, 0.3 in the default preset")
+                   help="AdamW lr of the embeddings" + preset_default("embedding_lr"))
     g.add_argument("--unembedding-lr", type=float, default=None,
-                   help="AdamW lr of lm_head ; unset: the preset's value, 0.008 in the default preset")
+                   help="AdamW lr of lm_head" + preset_default("unembedding_lr"))
     g.add_argument("--weight-decay", type=float, default=None,
-                   help="Muon weight decay (before scaling) ; unset: the preset's value, 0.28 in the default preset")
+                   help="Muon weight decay, before its scaling with depth" + preset_default("weight_decay"))
     g.add_argument("--matrix-lr", type=float, default=None,
-                   help="Muon lr of the block matrices ; unset: the preset's value, 0.02 in the default preset")
+                   help="Muon lr of the block matrices" + preset_default("matrix_lr"))
     g.add_argument("--scalar-lr", type=float, default=None,
-                   help="AdamW lr of the per-layer scalars ; unset: the preset's value, 0.5 in the default preset")
-    g.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="steps of linear lr warmup")
-    g.add_argument("--warmdown-ratio", type=float, default=d.warmdown_ratio,
-                   help="fraction of the steps over which the lr decays at the end")
-    g.add_argument("--final-lr-frac", type=float, default=d.final_lr_frac, help="lr multiplier at the last step")
+                   help="AdamW lr of the per-layer scalars" + preset_default("scalar_lr"))
+    g.add_argument("--warmup-steps", type=int, default=None,
+                   help="steps of linear lr warmup" + preset_default("warmup_steps"))
+    g.add_argument("--warmdown-ratio", type=float, default=None,
+                   help="fraction of the steps over which the lr decays at the end" + preset_default("warmdown_ratio"))
+    g.add_argument("--final-lr-frac", type=float, default=None,
+                   help="lr multiplier at the last step" + preset_default("final_lr_frac"))
     g = p.add_argument_group("resume")
     g.add_argument("--resume", action="store_true", help="continue from this tag's latest checkpoint (if any)")
     g.add_argument("--resume-from-step", type=int, default=d.resume_from_step,

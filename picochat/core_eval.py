@@ -2,12 +2,18 @@
 losses, each accuracy centered on its random-guess baseline, then averaged.
 
 Every score is the one the reference procedure gives (same shuffles, few-shot draws,
-prompts, token spans and decision rules); we only evaluate faster: examples are sorted
-by length and as many as fit in a token budget go through one forward pass (each with all
-its options), right-padded with BOS. The model is causal, so padding after a sequence cannot
-change the logits a span reads (beyond float rounding: other shapes may run other
-kernels). Losses are only computed at span positions, and averaged in float64 so that
-exactly tied options resolve to the first one, as in the reference's argmin.
+prompts, token spans and decision rules); we only evaluate faster:
+- Examples are sorted by length and as many as fit in a token budget go through one forward
+  pass (each with all its options), right-padded with BOS. The model is causal, so padding
+  after a sequence cannot change the logits a span reads.
+- The options of one example share their prompt up to the answer (the few-shot examples and
+  the question). Where that saves enough tokens, the shared prefix runs once: the example
+  becomes one sequence, prefix then each option's rest, and an attention.Packing lets every
+  option see only the prefix and itself, at the positions it would have alone.
+Both change the numbers only by float rounding (other shapes may run other kernels; tests
+check the losses against the reference's one-example-per-forward way). Losses are only
+computed at span positions, and averaged in float64 so that exactly tied options resolve to
+the first one, as in the reference's argmin.
 
 Three task types:
 - multiple_choice: one prompt per choice; the choice whose tokens have the lowest mean loss wins.
@@ -34,6 +40,7 @@ import yaml
 from filelock import FileLock
 from tqdm import tqdm
 
+from picochat.attention import Packing
 from picochat.common import PicochatError, get_base_dir, get_rank, get_world_size, is_url, print0
 
 BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
@@ -252,58 +259,115 @@ def prepare_examples(tokenizer, task: Task, data: list[dict], indices) -> list[E
 # Scoring
 
 
+def pack(example: Example):
+    """The example's rows as one sequence: their common token prefix once, then the rest of each
+    row (see attention.Packing). Returns (tokens, positions, segments, prev, where), where[r][p]
+    being the packed index of row r's token p. One row packs to itself."""
+    rows = example.rows
+    shared = common_prefix_len(rows)
+    tokens, positions, segments = list(rows[0][:shared]), list(range(shared)), [0] * shared
+    where = []
+    for s, row in enumerate(rows, start=1):
+        where.append(list(range(shared)) + list(range(len(tokens), len(tokens) + len(row) - shared)))
+        tokens += row[shared:]
+        positions += range(shared, len(row))
+        segments += [s] * (len(row) - shared)
+    prev = list(range(len(tokens)))
+    for w in where:
+        for p in range(1, len(w)):
+            prev[w[p]] = w[p - 1]
+    return tokens, positions, segments, prev, where
+
+
+def packed_len(example: Example) -> int:
+    shared = common_prefix_len(example.rows)
+    return shared + sum(len(row) - shared for row in example.rows)
+
+
+def should_pack(examples: list[Example]) -> bool:
+    """Share each example's prefix (few-shot examples and question, computed once for all its
+    options) where that saves at least 20% of the tokens; otherwise the plain causal forward is
+    cheaper than the dense mask a packing needs."""
+    plain = sum(len(row) for ex in examples for row in ex.rows)
+    return sum(packed_len(ex) for ex in examples) <= 0.8 * plain
+
+
+def padded(lists, value) -> torch.Tensor:
+    T = max(map(len, lists))
+    return torch.tensor([list(x) + [value] * (T - len(x)) for x in lists], dtype=torch.long)
+
+
 @torch.no_grad()
-def score_rows(model, rows, starts, ends, pad_id: int, device):
-    """One forward over the rows, right-padded with pad_id. For each row: the mean loss over its
-    span and whether greedy argmax predicts every span token. Position t's logits predict token
-    t+1, so span [s, e) is read from logits [s-1, e-1)."""
-    T = max(len(r) for r in rows)
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    for r, tokens in enumerate(rows):
-        ids[r, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-    lengths = torch.tensor([e - s for s, e in zip(starts, ends)])
-    row_idx = torch.repeat_interleave(torch.arange(len(rows)), lengths)
-    pos_idx = torch.cat([torch.arange(s - 1, e - 1) for s, e in zip(starts, ends)])
-    targets = ids[row_idx, pos_idx + 1].to(device)
-    logits = model(ids.to(device))
-    span_logits = logits[row_idx.to(device), pos_idx.to(device)].float()
+def score_batch(model, examples: list[Example], pad_id: int, device, packed: bool):
+    """One forward over the examples, right-padded with pad_id: one sequence per example when
+    packed, else one per option. For each option: the mean loss over its span and whether greedy
+    argmax predicts every span token. Position t's logits predict token t+1, so span [s, e) is
+    read from logits [s-1, e-1)."""
+    seqs, layouts, reads = [], [], []  # reads: per option, (sequence, index of each of its tokens)
+    for ex in examples:
+        if packed:
+            tokens, positions, segments, prev, where = pack(ex)
+            reads += [(len(seqs), w) for w in where]
+            seqs.append(tokens)
+            layouts.append((positions, segments, prev))
+        else:
+            for row in ex.rows:
+                reads.append((len(seqs), range(len(row))))
+                seqs.append(row)
+    ids = padded(seqs, pad_id)
+    packing = None
+    if packed:  # padding sits at position 0 of a segment of its own (-1): it sees only BOS and itself
+        positions, segments, prev = (padded(x, fill).to(device) for x, fill in zip(zip(*layouts), (0, -1, 0)))
+        packing = Packing(positions, segments, prev)
+    spans = [(s, e) for ex in examples for s, e in zip(ex.starts, ex.ends)]
+    picks = [(b, w[p - 1], w[p]) for (b, w), (s, e) in zip(reads, spans) for p in range(s, e)]
+    seq_idx, logit_idx, target_idx = torch.tensor(picks, dtype=torch.long).view(-1, 3).T
+    lengths = torch.tensor([e - s for s, e in spans])
+    option_idx = torch.repeat_interleave(torch.arange(len(spans)), lengths)
+    targets = ids[seq_idx, target_idx].to(device)
+    logits = model(ids.to(device)) if packing is None else model(ids.to(device), packing=packing)
+    span_logits = logits[seq_idx.to(device), logit_idx.to(device)].float()
     losses = F.cross_entropy(span_logits, targets, reduction="none").cpu()
     misses = (span_logits.argmax(dim=-1) != targets).cpu()
     # Mean in float64: n equal fp32 losses then average to exactly that loss, so exact ties
     # (e.g. a model with uniform logits) always go to the first option, whatever the span lengths.
-    sums = torch.zeros(len(rows), dtype=torch.float64).index_add_(0, row_idx, losses.double())
-    miss_counts = torch.zeros(len(rows), dtype=torch.long).index_add_(0, row_idx, misses.long())
+    sums = torch.zeros(len(spans), dtype=torch.float64).index_add_(0, option_idx, losses.double())
+    miss_counts = torch.zeros(len(spans), dtype=torch.long).index_add_(0, option_idx, misses.long())
     return (sums / lengths).tolist(), (miss_counts == 0).tolist()
 
 
-def length_batches(examples: list[Example], batch_tokens: int):
-    """Lists of example indices, longest examples first, each batch holding as many examples
-    (all their rows) as fit in batch_tokens once padded to its longest row; always at least one."""
-    order = sorted(range(len(examples)), key=lambda i: max(map(len, examples[i].rows)), reverse=True)
+def length_batches(examples: list[Example], batch_tokens: int, packed: bool = False):
+    """Lists of example indices, longest examples first, each batch holding as many examples as
+    fit in batch_tokens once padded to its longest sequence (one per option, or one per example
+    when packed); always at least one."""
+    def size(ex):  # (sequences, longest)
+        return (1, packed_len(ex)) if packed else (len(ex.rows), max(map(len, ex.rows)))
+
+    order = sorted(range(len(examples)), key=lambda i: size(examples[i])[1], reverse=True)
     batch, rows, T = [], 0, 0
     for i in order:
-        n = len(examples[i].rows)
+        n, longest = size(examples[i])
         if batch and (rows + n) * T > batch_tokens:
             yield batch
             batch, rows = [], 0
         if not batch:
-            T = max(map(len, examples[i].rows))
+            T = longest
         batch.append(i)
         rows += n
     if batch:
         yield batch
 
 
-def score_examples(model, examples: list[Example], pad_id: int, device, batch_tokens: int = BATCH_TOKENS, desc=None):
+def score_examples(model, examples: list[Example], pad_id: int, device, batch_tokens: int = BATCH_TOKENS,
+                   desc=None, share_prefix: bool | None = None):
     """(mean losses, exact matches) per example, several examples per forward (see length_batches).
-    batch_tokens 1 is the reference's grouping: one example (all its options) per forward."""
+    batch_tokens 1 is the reference's grouping: one example (all its options) per forward.
+    share_prefix None packs where it pays (should_pack); True/False forces it."""
+    packed = should_pack(examples) if share_prefix is None else share_prefix
     results = [None] * len(examples)
     bar = tqdm(total=len(examples), desc=desc, leave=False, disable=desc is None or get_rank() != 0)
-    for batch in length_batches(examples, batch_tokens):
-        rows = [row for i in batch for row in examples[i].rows]
-        starts = [s for i in batch for s in examples[i].starts]
-        ends = [e for i in batch for e in examples[i].ends]
-        means, exact = score_rows(model, rows, starts, ends, pad_id, device)
+    for batch in length_batches(examples, batch_tokens, packed):
+        means, exact = score_batch(model, [examples[i] for i in batch], pad_id, device, packed)
         k = 0
         for i in batch:
             n = len(examples[i].rows)
@@ -321,13 +385,14 @@ def is_correct(task_type: str, example: Example, mean_losses: list[float], exact
 
 
 def evaluate_task(model, tokenizer, task: Task, device, max_per_task: int = -1,
-                  batch_tokens: int = BATCH_TOKENS) -> torch.Tensor:
+                  batch_tokens: int = BATCH_TOKENS, share_prefix: bool | None = None) -> torch.Tensor:
     """Per-example correctness (0./1.) of one task. Rank r scores examples r, r+W, ...; the
     vectors are summed across ranks."""
     data = load_examples(task, max_per_task)
     indices = range(get_rank(), len(data), get_world_size())
     examples = prepare_examples(tokenizer, task, data, indices)
-    scores = score_examples(model, examples, tokenizer.get_bos_token_id(), device, batch_tokens, desc=task.label)
+    scores = score_examples(model, examples, tokenizer.get_bos_token_id(), device, batch_tokens, desc=task.label,
+                            share_prefix=share_prefix)
     correct = torch.zeros(len(data), dtype=torch.float32)
     for i, example, (means, exact) in zip(indices, examples, scores):
         correct[i] = float(is_correct(task.task_type, example, means, exact))
@@ -338,8 +403,9 @@ def evaluate_task(model, tokenizer, task: Task, device, max_per_task: int = -1,
 
 
 def evaluate_core(model, tokenizer, device, max_per_task: int = -1, tasks=None,
-                  batch_tokens: int = BATCH_TOKENS) -> dict:
-    """Evaluate the CORE tasks (all, or the labels in tasks). Returns
+                  batch_tokens: int = BATCH_TOKENS, share_prefix: bool | None = None) -> dict:
+    """Evaluate the CORE tasks (all, or the labels in tasks); batch_tokens and share_prefix as in
+    score_examples. Returns
     - "tasks": {label: {accuracy, centered, baseline, num_fewshot, task_type, examples, seconds}}
     - "metric_name" / "metric": "CORE" and its value when all tasks ran; otherwise
       "CORE (partial, n/22 tasks)" and the mean centered score of the n tasks that ran
@@ -351,7 +417,7 @@ def evaluate_core(model, tokenizer, device, max_per_task: int = -1, tasks=None,
     results, t0 = {}, time.time()
     for task in selected:
         t1 = time.time()
-        correct = evaluate_task(model, tokenizer, task, device, max_per_task, batch_tokens)
+        correct = evaluate_task(model, tokenizer, task, device, max_per_task, batch_tokens, share_prefix)
         accuracy = correct.sum().item() / len(correct)
         results[task.label] = {
             "accuracy": accuracy, "centered": centered(accuracy, task.baseline), "baseline": task.baseline,

@@ -31,7 +31,8 @@ PAD_VOCAB_TO = 64
 
 
 # ---------------------------------------------------------------------------
-# Recipes: architecture, init and optimizer constants that changed over the reference's history.
+# Recipes: architecture, init, optimizer and training-schedule constants that changed over the
+# reference's history. base_train and optim read everything preset-specific from here.
 
 
 @dataclass(frozen=True)
@@ -52,8 +53,25 @@ class Recipe:
     adamw: dict
     ve_lr_mult: float
     muon_beta2: float
-    # base_train's defaults for this recipe (lrs before the batch-size lr scale)
+    # base_train's values for the flags left unset: lrs (before the batch-size lr scale), the Muon
+    # weight decay (before wd_scaling), warmup_steps, warmdown_ratio, final_lr_frac, total_batch_size
     train_defaults: dict
+    # Schedules base_train applies each step (N = number of steps; the warmdown is the lr's last
+    # round(warmdown_ratio * N) steps). Muon momentum: momentum_start -> momentum_peak linearly over
+    # the first momentum_warmup steps, then momentum_peak, then linearly to momentum_final at step N
+    # over the warmdown (momentum_final = momentum_peak: no momentum warmdown).
+    momentum_start: float
+    momentum_peak: float
+    momentum_warmup: int
+    momentum_final: float
+    wd_schedule: str  # Muon weight decay from its start value to 0 at step N: "cosine" or "linear"
+    # Muon weight decay at step 0 from --weight-decay wd: "t_epoch" = wd * sqrt(B/B_REF) * D_REF/D
+    # (B_REF/D_REF: batch and tokens of d12), "depth_squared" = wd * (12/depth)^2
+    wd_scaling: str
+    # Muon variant (optim.MuonAdamW)
+    polar_express_norm: float  # X / (polar_express_norm * |X|_F) before Polar Express
+    muon_eq: bool  # MuonEq: equal row norms before Polar Express
+    muon_plus: bool  # Muon+: rescale to |X|_F = sqrt(min(m, n)) after it
 
 
 RECIPES = {
@@ -73,7 +91,11 @@ RECIPES = {
         },
         ve_lr_mult=0.5, muon_beta2=0.9,
         train_defaults=dict(embedding_lr=0.3, unembedding_lr=0.008, matrix_lr=0.02, scalar_lr=0.5,
-                            weight_decay=0.28),
+                            weight_decay=0.28, warmup_steps=40, warmdown_ratio=0.65, final_lr_frac=0.05,
+                            total_batch_size=-1),
+        momentum_start=0.85, momentum_peak=0.97, momentum_warmup=400, momentum_final=0.90,
+        wd_schedule="cosine", wd_scaling="t_epoch",
+        polar_express_norm=1.01, muon_eq=True, muon_plus=True,
     ),
     # The 2026-01-29 d24 leaderboard run #1 (commit 348fbb3). Stated by the spec: RoPE theta 10K,
     # 32-channel VE gates with range 2, S = T/2, no smear, no backout; with these the model has the
@@ -89,9 +111,19 @@ RECIPES = {
     # matrix lr 0.02 and scalar lr 0.5 as today; VE gates init to zero (gate = 1 at init, neutral);
     # constant resid_lambdas 1.0 and x0_lambdas 0.1 (round 2 brought the ramps); value_embeds at
     # the full embedding lr (the 0.5x came later).
-    # Not model constants, for base_train/optim: no lr warmup, warmdown 0.4 to a final lr of 0
-    # (round 1 added the 0.05 floor: inferred), Muon momentum 0.85 -> 0.95 over 300 steps, weight
-    # decay linear to 0, Polar Express normalization 1.02, no MuonEq/Muon+ (2026-07).
+    # Training schedules and Muon variant, read off the spec's history the same way: no lr warmup
+    # (v0 had none; round 1 added 40 steps); warmdown 0.4 (2026-01-05/07; 0.5 from 01-31); Muon
+    # momentum 0.85 -> 0.95 over 300 steps, then flat (v0's schedule; round 1 made it 0.97 over 400
+    # steps, round 2 added the 0.97 -> 0.90 warmdown); Muon wd linear to 0 (2026-01-10/11; round 1
+    # made it cosine), scaled by (12/depth)^2 (2026-01-10 to 02-06, then the T_epoch rule); Polar
+    # Express normalization 1.02 (1.01 from 2026-03-09); no MuonEq / Muon+ (added 2026-07-03).
+    # NorMuon, cautious wd and the sqrt(max(1, m/n)) Muon lr date from 2026-01-10/11: they stay on.
+    # Inferred, from public nanochat-derived code of January 2026: a final lr of 0 (the spec only
+    # says round 1 went "warmdown 0.5 -> 0.65 with final lr 0.05"); the linear wd as wd * (1 - it/N);
+    # the (12/depth)^2 wd not multiplied by the batch lr scale. Also assumed: momentum unchanged from
+    # v0 until round 1 (the spec lists no change in between).
+    # The record's fixed 524,288-token batch (section 16; the depth-derived batch came 2026-02-05)
+    # is this preset's --total-batch-size default, so the lr scale is 1 at any depth.
     "jan29": Recipe(
         rope_theta=10_000.0, short_window_frac=0.5, qk_scale=1.0,
         ve_gate_channels=32, ve_gate_range=2.0, smear=False, backout=False,
@@ -106,7 +138,11 @@ RECIPES = {
         },
         ve_lr_mult=1.0, muon_beta2=0.95,
         train_defaults=dict(embedding_lr=0.3, unembedding_lr=0.004, matrix_lr=0.02, scalar_lr=0.5,
-                            weight_decay=0.2),
+                            weight_decay=0.2, warmup_steps=0, warmdown_ratio=0.4, final_lr_frac=0.0,
+                            total_batch_size=524_288),
+        momentum_start=0.85, momentum_peak=0.95, momentum_warmup=300, momentum_final=0.95,
+        wd_schedule="linear", wd_scaling="depth_squared",
+        polar_express_norm=1.02, muon_eq=False, muon_plus=False,
     ),
 }
 
@@ -211,7 +247,7 @@ class CausalSelfAttention(nn.Module):
             self.ve_gate_channels, self.ve_gate_range = recipe.ve_gate_channels, recipe.ve_gate_range
             self.ve_gate = Linear(self.ve_gate_channels, self.n_kv_head)
 
-    def forward(self, x, ve, cos, sin):
+    def forward(self, x, ve, cos, sin, packing=None):
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
@@ -222,7 +258,7 @@ class CausalSelfAttention(nn.Module):
             v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k = norm(q) * self.qk_scale, norm(k) * self.qk_scale
-        y = attention(q, k, v, self.window)
+        y = attention(q, k, v, self.window, packing)
         return self.c_proj(y.reshape(B, T, -1))
 
 
@@ -242,8 +278,8 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer, window)
         self.mlp = MLP(config)
 
-    def forward(self, x, ve, cos, sin):
-        x = x + self.attn(norm(x), ve, cos, sin)
+    def forward(self, x, ve, cos, sin, packing=None):
+        x = x + self.attn(norm(x), ve, cos, sin, packing)
         return x + self.mlp(norm(x))
 
 
@@ -406,26 +442,33 @@ class GPT(nn.Module):
         groups = self.optimizer_groups(unembedding_lr, embedding_lr, matrix_lr, weight_decay, scalar_lr)
         # Polar Express runs in bf16 only when we compute in bf16; fp16 is unstable there
         muon_dtype = torch.bfloat16 if self.compute_dtype == torch.bfloat16 else torch.float32
-        return MuonAdamW(groups, muon_dtype=muon_dtype)
+        r = self.recipe
+        return MuonAdamW(groups, muon_dtype=muon_dtype, polar_express_norm=r.polar_express_norm, muon_eq=r.muon_eq,
+                         muon_plus=r.muon_plus)
 
     # -- forward ------------------------------------------------------------------------------
 
-    def forward(self, idx, targets=None, loss_reduction="mean"):
+    def forward(self, idx, targets=None, loss_reduction="mean", packing=None):
+        """Logits (B, T, vocab) in fp32, or the loss if targets are given. Each row of idx is one
+        causal sequence, or several that share a prefix when a Packing says so (see attention.py)."""
         B, T = idx.shape
-        if T > self.rotary_len:
-            raise PicochatError(f"sequence of {T} tokens is longer than the rotary table ({self.rotary_len})")
-        # positions 0..T-1; a KV cache would offset this slice by the cache position
-        cos, sin = self.cos[:, :T], self.sin[:, :T]
+        length = T if packing is None else int(packing.positions.max()) + 1
+        if length > self.rotary_len:
+            raise PicochatError(f"sequence of {length} tokens is longer than the rotary table ({self.rotary_len})")
+        if packing is None:  # positions 0..T-1; a KV cache would offset this slice by the cache position
+            cos, sin = self.cos[:, :T], self.sin[:, :T]
+        else:
+            cos, sin = self.cos[0, packing.positions], self.sin[0, packing.positions]  # (B, T, 1, D/2)
         x = norm(self.transformer.wte(idx).to(self.compute_dtype))
         if self.recipe.smear:
-            x = self.smear(x)
+            x = self.smear(x, packing)
         x0 = x
         x_mid = None
         for i, block in enumerate(self.transformer.h):
             # 0-d fp32 lambdas do not promote bf16 activations
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             ve = self.value_embeds[str(i)](idx).to(x.dtype) if str(i) in self.value_embeds else None
-            x = block(x, ve, cos, sin)
+            x = block(x, ve, cos, sin, packing)
             if i == self.config.n_layer // 2:
                 x_mid = x
         if self.recipe.backout:
@@ -437,9 +480,14 @@ class GPT(nn.Module):
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1,
                                reduction=loss_reduction)
 
-    def smear(self, x):
+    def smear(self, x, packing=None):
         """x_t += smear_lambda * sigmoid(smear_gate(x_t[:24])) * x_{t-1} for t >= 1, using the
-        pre-smear x_{t-1}. Crosses document boundaries; a KV cache must keep the last x."""
+        pre-smear x_{t-1}. Crosses document boundaries; a KV cache must keep the last x.
+        Under a Packing, x_{t-1} is the previous token of the same sequence."""
+        if packing is not None:
+            gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[..., :SMEAR_CHANNELS]))
+            x_prev = torch.gather(x, 1, packing.prev.unsqueeze(-1).expand_as(x))
+            return x + (packing.positions > 0).unsqueeze(-1) * gate * x_prev
         gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[:, 1:, :SMEAR_CHANNELS]))
         return torch.cat([x[:, :1], x[:, 1:] + gate * x[:, :-1]], dim=1)
 

@@ -1,6 +1,8 @@
 """MuonAdamW: one optimizer for the whole model. Embeddings, the unembedding and the
 scalars train with AdamW; every matrix inside the transformer blocks trains with Muon
-(Polar Express orthogonalization + MuonEq + Muon+ + NorMuon + cautious weight decay).
+(Polar Express orthogonalization + MuonEq + Muon+ + NorMuon + cautious weight decay;
+MuonEq and Muon+ can be switched off and the Polar Express normalization factor set, for
+the older recipes: see gpt.RECIPES).
 
 There is no DDP wrapper. When torch.distributed is initialized with more than one rank,
 step() averages the gradients itself and shards the optimizer state ZeRO-2 style: each
@@ -71,11 +73,12 @@ def _frobenius(x):
     return torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True)
 
 
-def polar_express(x, ns_steps: int):
+def polar_express(x, ns_steps: int, norm_factor: float = 1.01):
     """Approximately orthogonalize every matrix of the stack x: same singular vectors,
-    singular values pushed into a band around 1. Runs in x's dtype."""
+    singular values pushed into a band around 1. Runs in x's dtype. norm_factor > 1 keeps
+    the largest singular value safely below 1 after the normalization."""
     m, n = x.shape[-2:]
-    x = x / (1.01 * _frobenius(x) + 1e-6)  # all singular values now below 1
+    x = x / (norm_factor * _frobenius(x) + 1e-6)  # all singular values now below 1
     for a, b, c in POLAR_EXPRESS_COEFFS[:ns_steps]:
         # iterate on the smaller Gram matrix: XXᵀ for wide, XᵀX for tall
         if m <= n:
@@ -89,18 +92,20 @@ def polar_express(x, ns_steps: int):
 
 @_compiled
 def muon_update(p, grad, momentum_buf, second_moment, momentum_t, lr_t, wd_t, beta2_t,
-                ns_steps: int, muon_dtype: torch.dtype):
-    """One Muon step on a (K, m, n) stack of same-shape matrices, p updated in place."""
+                ns_steps: int, muon_dtype: torch.dtype, norm_factor: float, muon_eq: bool, muon_plus: bool):
+    """One Muon step on a (K, m, n) stack of same-shape matrices, p updated in place.
+    norm_factor, muon_eq and muon_plus are the optimizer's fixed Muon variant (each setting of the
+    two switches compiles a graph of its own)."""
     m, n = p.shape[-2:]
     # Nesterov momentum
     momentum_buf.lerp_(grad, 1 - momentum_t)
     x = grad.lerp(momentum_buf, momentum_t).to(muon_dtype)
-    # MuonEq: give every row the same norm, keeping the Frobenius norm
-    row_norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-    x = x * (_frobenius(x) / math.sqrt(m) / row_norm.clamp_min(1e-6))
-    x = polar_express(x, ns_steps).to(p.dtype)
-    # Muon+: rescale to the Frobenius norm of an exactly semi-orthogonal matrix
-    x = x * (math.sqrt(min(m, n)) / _frobenius(x).clamp_min(1e-10))
+    if muon_eq:  # give every row the same norm, keeping the Frobenius norm
+        row_norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+        x = x * (_frobenius(x) / math.sqrt(m) / row_norm.clamp_min(1e-6))
+    x = polar_express(x, ns_steps, norm_factor).to(p.dtype)
+    if muon_plus:  # rescale to the Frobenius norm of an exactly semi-orthogonal matrix
+        x = x * (math.sqrt(min(m, n)) / _frobenius(x).clamp_min(1e-10))
     # NorMuon: divide each row (or column, for wide matrices) by its running RMS, then
     # restore the Frobenius norm, so only the relative scale between rows changes
     reduce_dim = -1 if m >= n else -2
@@ -123,12 +128,17 @@ class MuonAdamW(torch.optim.Optimizer):
     """param_groups: dicts with kind="adamw" (params, lr, betas, eps, weight_decay) or
     kind="muon" (params all of one 2-D shape, lr, momentum, ns_steps, beta2, weight_decay).
     muon_dtype is the dtype of the Polar Express iteration: the compute dtype when that is
-    bf16, fp32 otherwise (fp16 has too little range there and is mapped to fp32)."""
+    bf16, fp32 otherwise (fp16 has too little range there and is mapped to fp32).
+    The Muon variant is fixed at construction; the defaults are the current reference's
+    (base_train passes its preset's, gpt.RECIPES): polar_express_norm divides X by
+    polar_express_norm * |X|_F before Polar Express, muon_eq equilibrates the rows before it
+    (MuonEq), muon_plus rescales the result to |X|_F = sqrt(min(m, n)) after it (Muon+)."""
 
     ADAMW_KEYS = ("lr", "betas", "eps", "weight_decay")
     MUON_KEYS = ("lr", "momentum", "ns_steps", "beta2", "weight_decay")
 
-    def __init__(self, param_groups, muon_dtype=torch.float32):
+    def __init__(self, param_groups, muon_dtype=torch.float32, polar_express_norm=1.01, muon_eq=True,
+                 muon_plus=True):
         groups = []
         for group in param_groups:
             group = dict(group, params=list(group["params"]))
@@ -149,6 +159,8 @@ class MuonAdamW(torch.optim.Optimizer):
             groups.append(group)
         super().__init__(groups, defaults={})
         self.muon_dtype = torch.float32 if muon_dtype == torch.float16 else muon_dtype
+        self.polar_express_norm = float(polar_express_norm)
+        self.muon_eq, self.muon_plus = bool(muon_eq), bool(muon_plus)
         # the 0-d CPU tensors through which hyperparameters reach the compiled kernels
         scalar = lambda: torch.tensor(0.0, dtype=torch.float32)
         self._step_t, self._lr_t, self._beta1_t, self._beta2_t = scalar(), scalar(), scalar(), scalar()
@@ -261,7 +273,8 @@ class MuonAdamW(torch.optim.Optimizer):
             self._beta2_t.fill_(group["beta2"])
             muon_update(owned[: hi - lo], grad_chunk[: hi - lo], state["momentum_buffer"],
                         state["second_momentum_buffer"], self._momentum_t, self._lr_t, self._wd_t, self._beta2_t,
-                        group["ns_steps"], self.muon_dtype)
+                        group["ns_steps"], self.muon_dtype, self.polar_express_norm, self.muon_eq,
+                        self.muon_plus)
         if world == 1:
             torch._foreach_copy_(params, list(owned.unbind(0)))
             return []

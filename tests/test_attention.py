@@ -201,3 +201,44 @@ def test_attention_dispatch_matches_reference():
     for window in (-1, 50):
         torch.testing.assert_close(A.attention(q, k, v, window).double(), reference_attention(q, k, v, window),
                                    **TOL[torch.float32])
+
+
+def test_packing_equals_separate_sequences():
+    """Two rows; the first packs a 40-token prefix with continuations of 30, 25 and 1 tokens, the
+    second a single 70-token sequence and 20 padding tokens. Every packed token's output must be
+    that of the same token in its own unpacked sequence, windows (counted in positions) and GQA
+    included."""
+    prefix, rests = 40, [30, 25, 1]
+    q, k, v = make_qkv(2, prefix + sum(rests), 4, 2, 16, torch.float32)
+    positions = torch.zeros(2, q.size(1), dtype=torch.long)
+    segments = torch.full((2, q.size(1)), -1, dtype=torch.long)
+    prev = torch.zeros(2, q.size(1), dtype=torch.long)  # attention does not read it
+    where = [list(range(prefix))]  # row 0: packed indices of each sequence's tokens
+    positions[0, :prefix], segments[0, :prefix] = torch.arange(prefix), 0
+    start = prefix
+    for s, n in enumerate(rests, start=1):
+        positions[0, start:start + n] = torch.arange(prefix, prefix + n)
+        segments[0, start:start + n] = s
+        where.append(list(range(prefix)) + list(range(start, start + n)))
+        start += n
+    positions[1, :70], segments[1, :70] = torch.arange(70), 0
+    packing = A.Packing(positions, segments, prev)
+    for window in (-1, 10, 45):
+        y = A.attention(q, k, v, window, packing)
+        assert y.isfinite().all()  # padding sees itself: no empty softmax anywhere
+        for w in where[1:]:
+            sub = [x[:1, w] for x in (q, k, v)]
+            torch.testing.assert_close(y[:1, w].double(), reference_attention(*sub, window), **TOL[torch.float32])
+        sub = [x[1:, :70] for x in (q, k, v)]
+        torch.testing.assert_close(y[1:, :70].double(), reference_attention(*sub, window), **TOL[torch.float32])
+
+
+def test_mask_cache_keeps_only_the_most_recent(monkeypatch):
+    monkeypatch.setattr(A, "_masks", A.OrderedDict())
+    first = A.cached_mask("dense", 10, 2, "cpu")
+    for T in range(11, 11 + A.MAX_CACHED_MASKS - 1):
+        A.cached_mask("dense", T, 2, "cpu")
+    assert A.cached_mask("dense", 10, 2, "cpu") is first  # still cached, and now the most recent
+    A.cached_mask("dense", 100, 2, "cpu")  # evicts T=11, the least recently used
+    assert len(A._masks) == A.MAX_CACHED_MASKS and ("dense", 11, 2, torch.device("cpu")) not in A._masks
+    assert A.cached_mask("dense", 10, 2, "cpu") is first

@@ -16,9 +16,10 @@ import time
 import pytest
 import torch
 
+from picochat import base_train, cli
 from picochat import checkpoint as ckpt
-from picochat import cli
 from picochat.base_train import (
+    Plan,
     TrainConfig,
     grad_accum_steps,
     lr_multiplier,
@@ -33,7 +34,7 @@ from picochat.base_train import (
     with_preset_defaults,
 )
 from picochat.common import PicochatError
-from picochat.gpt import GPT, config_from_depth
+from picochat.gpt import GPT, RECIPES, config_from_depth
 
 # ---------------------------------------------------------------------------
 # Derivation from depth and schedules: no training
@@ -65,6 +66,35 @@ def test_preset_fills_unset_lrs():
     default = with_preset_defaults(TrainConfig())
     assert (default.embedding_lr, default.unembedding_lr, default.weight_decay, default.matrix_lr,
             default.scalar_lr) == (0.3, 0.008, 0.28, 0.02, 0.5)
+    # the schedule flags too: the reference's 40 / 0.65 / 0.05, Jan-29's no warmup / 0.4 / 0
+    assert (default.warmup_steps, default.warmdown_ratio, default.final_lr_frac) == (40, 0.65, 0.05)
+    assert (jan29.warmup_steps, jan29.warmdown_ratio, jan29.final_lr_frac) == (0, 0.4, 0.0)
+    given = with_preset_defaults(TrainConfig(preset="jan29", warmup_steps=7, warmdown_ratio=0.5, final_lr_frac=0.1))
+    assert (given.warmup_steps, given.warmdown_ratio, given.final_lr_frac) == (7, 0.5, 0.1)
+    zero = with_preset_defaults(TrainConfig(warmup_steps=0, final_lr_frac=0.0))  # 0 is a value, not "unset"
+    assert (zero.warmup_steps, zero.final_lr_frac) == (0, 0.0)
+
+
+def jan29_d24_plan(**overrides):
+    c = with_preset_defaults(TrainConfig(preset="jan29", depth=24, target_param_data_ratio=12, **overrides))
+    with torch.device("meta"):
+        model = GPT(config_from_depth(24, 32768, preset="jan29"))
+    return plan_training(c, scaling_params(model), reference_scaling_params(c, 32768), model.estimate_flops())
+
+
+def test_jan29_weight_decay_scales_with_depth_squared():
+    # Jan-29: 0.2 * (12/24)^2 = 0.05 at d24, whatever the batch; the current T_epoch rule gives the
+    # default preset 0.28 * sqrt(2) * D_REF/D = 0.0597 there (see the table above)
+    record = jan29_d24_plan()  # the preset's batch is the record's
+    assert (record.total_batch_size, record.lr_scale, record.num_iterations) == (524_288, 1.0, 16_704)  # as published
+    assert record.weight_decay == pytest.approx(0.05, rel=1e-12)
+    auto = jan29_d24_plan(total_batch_size=-1)  # the depth-derived batch
+    assert (auto.total_batch_size, auto.lr_scale) == (1_048_576, pytest.approx(math.sqrt(2)))
+    assert auto.weight_decay == pytest.approx(0.05, rel=1e-12)
+    c12 = with_preset_defaults(TrainConfig(preset="jan29", depth=12))
+    assert plan_training(c12, 10**8, 10**8, 1e9).weight_decay == pytest.approx(0.2)
+    c6 = with_preset_defaults(TrainConfig(preset="jan29", depth=6, weight_decay=0.1))
+    assert plan_training(c6, 10**8, 4 * 10**8, 1e9).weight_decay == pytest.approx(0.4)  # 0.1 * 2^2
 
 
 def test_plan_precedence_and_auto_batch_bands():
@@ -112,18 +142,85 @@ def test_lr_multiplier():
     assert lr_multiplier(10, 10, 0, 0.5, 0.0) == 0.0
 
 
+def test_lr_multiplier_presets():
+    default = with_preset_defaults(TrainConfig())
+    jan29 = with_preset_defaults(TrainConfig(preset="jan29"))
+    lrm = lambda c, it, n=1000: lr_multiplier(it, n, c.warmup_steps, c.warmdown_ratio, c.final_lr_frac)
+    # default, n=1000: warmup 40 steps, warmdown round(0.65*1000) = 650 after step 350, to 0.05
+    assert lrm(default, 0) == pytest.approx(1 / 40)
+    assert lrm(default, 39) == lrm(default, 40) == lrm(default, 350) == 1.0
+    assert lrm(default, 351) == pytest.approx(649 / 650 + (1 / 650) * 0.05)
+    assert lrm(default, 675) == pytest.approx(0.5 + 0.5 * 0.05)
+    assert lrm(default, 1000) == pytest.approx(0.05)
+    # jan29, n=1000: no warmup, warmdown round(0.4*1000) = 400 after step 600, to 0
+    assert lrm(jan29, 0) == lrm(jan29, 600) == 1.0
+    assert lrm(jan29, 601) == pytest.approx(399 / 400)
+    assert lrm(jan29, 800) == pytest.approx(0.5)
+    assert lrm(jan29, 1000) == 0.0
+    # the record's 16,704 steps: warmdown round(6681.6) = 6682 steps, starting after step 10,022
+    assert lrm(jan29, 10_022, 16_704) == 1.0
+    assert lrm(jan29, 10_023, 16_704) == pytest.approx(6681 / 6682)
+    assert lrm(jan29, 13_363, 16_704) == pytest.approx(0.5)
+    assert lrm(jan29, 16_704, 16_704) == 0.0
+
+
+def test_momentum_and_weight_decay_presets():
+    default, jan29 = RECIPES["default"], RECIPES["jan29"]
+    # jan29: 0.85 -> 0.95 over 300 steps, then 0.95 through the warmdown to the end
+    m = lambda it: muon_momentum(it, 1000, 0.4, jan29)
+    assert m(0) == pytest.approx(0.85)
+    assert m(150) == pytest.approx(0.90)
+    assert m(299) == pytest.approx(0.85 + 0.1 * 299 / 300)
+    assert m(300) == m(600) == m(601) == m(800) == m(1000) == pytest.approx(0.95)
+    # default with n=1000, warmdown 0.65 (steps 350..1000): the 400-step ramp comes first
+    m = lambda it: muon_momentum(it, 1000, 0.65, default)
+    assert m(0) == pytest.approx(0.85)
+    assert m(150) == pytest.approx(0.895)
+    assert m(300) == pytest.approx(0.94)
+    assert m(399) == pytest.approx(0.85 + 0.12 * 399 / 400)
+    assert m(400) == pytest.approx(0.97 - 0.07 * 50 / 650)
+    assert m(675) == pytest.approx(0.935)
+    assert m(1000) == pytest.approx(0.90)
+    # weight decay: linear (jan29) and cosine (default) from 0.05 to 0 over 1000 steps
+    lin = lambda it: muon_weight_decay(it, 1000, 0.05, jan29.wd_schedule)
+    cos = lambda it: muon_weight_decay(it, 1000, 0.05, default.wd_schedule)
+    assert (lin(0), lin(250), lin(500), lin(750), lin(1000)) == pytest.approx((0.05, 0.0375, 0.025, 0.0125, 0.0))
+    assert (cos(0), cos(500), cos(1000)) == pytest.approx((0.05, 0.025, 0.0))
+    assert cos(250) == pytest.approx(0.025 * (1 + math.sqrt(0.5)))
+    assert cos(750) == pytest.approx(0.025 * (1 - math.sqrt(0.5)))
+    with pytest.raises(ValueError, match="unknown weight decay schedule"):
+        muon_weight_decay(0, 10, 0.1, "step")
+
+
+def test_setup_optimizer_uses_the_presets_muon_variant():
+    plan = Plan(0, 0, 2**21, 2.0, 0.05, 10, "--num-iterations")
+    for preset, variant in [("default", (1.01, True, True)), ("jan29", (1.02, False, False))]:
+        c = with_preset_defaults(TrainConfig(preset=preset))
+        model = GPT(config_from_depth(2, 300, max_seq_len=64, head_dim=64, window_pattern="L", preset=preset))
+        s = plan.lr_scale
+        opt = model.setup_optimizer(unembedding_lr=c.unembedding_lr * s, embedding_lr=c.embedding_lr * s,
+                                    matrix_lr=c.matrix_lr * s, weight_decay=plan.weight_decay,
+                                    scalar_lr=c.scalar_lr * s)
+        assert (opt.polar_express_norm, opt.muon_eq, opt.muon_plus) == variant
+        assert opt.muon_dtype == torch.float32
+        muon = [g for g in opt.param_groups if g["kind"] == "muon"]
+        assert all(g["lr"] == c.matrix_lr * 2.0 and g["weight_decay"] == 0.05 for g in muon)
+        assert all(g["beta2"] == RECIPES[preset].muon_beta2 for g in muon)
+        assert len(opt.param_groups) == len(model.optimizer_groups())
+
+
 def test_muon_momentum_and_weight_decay():
-    m = lambda it: muon_momentum(it, 1000, 0.5)  # warmdown = steps 500..1000
+    m = lambda it: muon_momentum(it, 1000, 0.5, RECIPES["default"])  # warmdown = steps 500..1000
     assert m(0) == pytest.approx(0.85)
     assert m(200) == pytest.approx(0.91)
     assert m(400) == m(499) == 0.97
     assert m(500) == pytest.approx(0.97)
     assert m(750) == pytest.approx(0.935)
     assert m(1000) == pytest.approx(0.90)
-    assert muon_weight_decay(0, 100, 0.2) == pytest.approx(0.2)
-    assert muon_weight_decay(50, 100, 0.2) == pytest.approx(0.1)
-    assert muon_weight_decay(25, 100, 0.2) == pytest.approx(0.1 * (1 + math.sqrt(0.5)))
-    assert muon_weight_decay(100, 100, 0.2) == pytest.approx(0.0)
+    assert muon_weight_decay(0, 100, 0.2, "cosine") == pytest.approx(0.2)
+    assert muon_weight_decay(50, 100, 0.2, "cosine") == pytest.approx(0.1)
+    assert muon_weight_decay(25, 100, 0.2, "cosine") == pytest.approx(0.1 * (1 + math.sqrt(0.5)))
+    assert muon_weight_decay(100, 100, 0.2, "cosine") == pytest.approx(0.0)
 
 
 def test_mfu_formula():
@@ -220,6 +317,29 @@ def test_train_learn_resume_and_determinism(home, pretrain_dir):
     # --resume continues to exactly the uninterrupted run's metrics
     run(config(pretrain_dir, "d", save_every=-1, resume=True))
     assert deterministic(metrics(home, "d")) == deterministic(a)
+
+
+def test_jan29_run_applies_its_schedules(home, pretrain_dir, monkeypatch):
+    seen = []
+    apply_schedules = base_train.apply_schedules
+
+    def spy(optimizer, lrm, momentum, weight_decay):
+        seen.append((lrm, momentum, weight_decay))
+        assert (optimizer.polar_express_norm, optimizer.muon_eq, optimizer.muon_plus) == (1.02, False, False)
+        apply_schedules(optimizer, lrm, momentum, weight_decay)
+
+    monkeypatch.setattr(base_train, "apply_schedules", spy)
+    run(config(pretrain_dir, "jan29", preset="jan29", warmup_steps=None, num_iterations=4, eval_every=-1,
+               save_every=-1))
+    # 4 steps: no warmup, warmdown round(0.4 * 4) = 2 steps after step 2; momentum 0.85 + 0.1 * it/300;
+    # weight decay 0.2 * (12/2)^2 = 7.2 at depth 2, linear to 0 at step 4
+    lrm, momentum, wd = zip(*seen)
+    assert lrm == (1.0, 1.0, 1.0, 0.5)
+    assert momentum == pytest.approx([0.85 + 0.1 * it / 300 for it in range(4)])
+    assert wd == pytest.approx([7.2, 5.4, 3.6, 1.8])
+    records = metrics(home, "jan29")
+    assert [r["lrm"] for r in records] == [1.0, 1.0, 1.0, 0.5]
+    assert all(math.isfinite(r["loss"]) for r in records)
 
 
 @pytest.mark.slow

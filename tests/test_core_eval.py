@@ -166,7 +166,8 @@ def test_common_prefix_suffix():
 
 class OracleModel:
     """Logits that put (numerically) all probability on the next token of whichever gold
-    sequence the input so far is a prefix of, uniform where it matches none."""
+    sequence the input so far is a prefix of, uniform where it matches none. Under a packing,
+    "the input so far" is the token's own sequence, followed back through packing.prev."""
 
     NEXT = -1
 
@@ -180,16 +181,18 @@ class OracleModel:
                 if t + 1 < len(row):
                     node.setdefault(self.NEXT, row[t + 1])
 
-    def __call__(self, ids):
-        hits = []  # (row, position, predicted token)
+    def __call__(self, ids, packing=None):
+        B, T = ids.shape
+        positions = packing.positions.tolist() if packing else [list(range(T))] * B
+        prev = packing.prev.tolist() if packing else [[t - 1 for t in range(T)]] * B
+        hits = []  # (row, index, predicted token)
         for b, row in enumerate(ids.tolist()):
-            node = self.root
+            nodes = []  # the trie node each token's sequence has reached (None: left the trie)
             for t, token in enumerate(row):
-                node = node.get(token)
-                if node is None:
-                    break
-                if self.NEXT in node:
-                    hits.append((b, t, node[self.NEXT]))
+                parent = self.root if positions[b][t] == 0 else nodes[prev[b][t]]
+                nodes.append(parent.get(token) if parent is not None else None)
+                if nodes[t] is not None and self.NEXT in nodes[t]:
+                    hits.append((b, t, nodes[t][self.NEXT]))
         logits = torch.zeros(*ids.shape, self.vocab_size)
         logits[tuple(torch.tensor(hits).T)] = 30.0
         return logits
@@ -201,6 +204,11 @@ def test_oracle_scores_one_on_every_task(tasks, small_tokenizer):
         data = core_eval.load_examples(task, N)
         examples = core_eval.prepare_examples(tok, task, data, range(len(data)))
         oracle = OracleModel([ex.rows[ex.gold] for ex in examples], tok.get_vocab_size())
+        for share_prefix in (False, True):  # the oracle follows each token's own sequence when packed
+            scores = core_eval.score_examples(oracle, examples, tok.get_bos_token_id(), "cpu", 3000,
+                                              share_prefix=share_prefix)
+            correct = [core_eval.is_correct(task.task_type, ex, m, e) for ex, (m, e) in zip(examples, scores)]
+            assert correct == [True] * N, (task.label, share_prefix)
         correct = core_eval.evaluate_task(oracle, tok, task, "cpu", max_per_task=N, batch_tokens=3000)
         assert correct.tolist() == [1.0] * N, task.label
 
@@ -210,7 +218,7 @@ def test_uniform_model_picks_the_first_option(tasks, small_tokenizer):
     V = tok.get_vocab_size()
     calls = []
 
-    def uniform(ids):
+    def uniform(ids, packing=None):
         calls.append(ids.shape)
         return torch.zeros(*ids.shape, V)
 
@@ -236,13 +244,33 @@ def test_uniform_model_picks_the_first_option(tasks, small_tokenizer):
 def test_mean_loss_over_span_and_exact_match():
     # vocab 3; the model always predicts p = (1/2, 1/4, 1/4): loss ln2 for token 0, ln4 otherwise
     logp = torch.log(torch.tensor([0.5, 0.25, 0.25]))
-    model = lambda ids: logp.expand(*ids.shape, 3).clone()
+    model = lambda ids, packing=None: logp.expand(*ids.shape, 3).clone()
     rows = [[2, 0, 0, 1], [2, 1, 1], [2, 0, 1, 0, 0]]
     starts, ends = [1, 2, 3], [4, 3, 5]
-    means, exact = core_eval.score_rows(model, rows, starts, ends, pad_id=2, device="cpu")
     ln2 = torch.log(torch.tensor(2.0)).item()
-    assert means == pytest.approx([(ln2 + ln2 + 2 * ln2) / 3, 2 * ln2, ln2])
-    assert exact == [False, False, True]  # argmax is always token 0
+    for packed in (False, True):
+        examples = [core_eval.Example([r], [s], [e], 0) for r, s, e in zip(rows, starts, ends)]
+        means, exact = core_eval.score_batch(model, examples, pad_id=2, device="cpu", packed=packed)
+        assert means == pytest.approx([(ln2 + ln2 + 2 * ln2) / 3, 2 * ln2, ln2])
+        assert exact == [False, False, True]  # argmax is always token 0
+
+
+def test_pack_layout():
+    # three options sharing [1, 5, 6]; the third is the shared part plus nothing but one token
+    example = core_eval.Example([[1, 5, 6, 7, 8], [1, 5, 6, 9], [1, 5, 6, 3]], [3, 3, 3], [5, 4, 4], 0)
+    tokens, positions, segments, prev, where = core_eval.pack(example)
+    assert tokens == [1, 5, 6, 7, 8, 9, 3]
+    assert positions == [0, 1, 2, 3, 4, 3, 3]
+    assert segments == [0, 0, 0, 1, 1, 2, 3]
+    assert prev == [0, 0, 1, 2, 3, 2, 2]
+    assert where == [[0, 1, 2, 3, 4], [0, 1, 2, 5], [0, 1, 2, 6]]
+    assert core_eval.packed_len(example) == 7
+    # one row packs to itself
+    one_row = core_eval.Example([[1, 2, 3]], [1], [3], 0)
+    assert core_eval.pack(one_row)[:4] == ([1, 2, 3], [0, 1, 2], [0, 0, 0], [0, 0, 1])
+    # 13 plain tokens vs 7 packed: pays; two options sharing only BOS do not
+    assert core_eval.should_pack([example])
+    assert not core_eval.should_pack([core_eval.Example([[1, 2, 3], [1, 4, 5]], [1, 1], [3, 3], 0)])
 
 
 def test_length_batches():
@@ -253,6 +281,12 @@ def test_length_batches():
     assert batches(50) == [[0], [2, 1], [3]]  # 5x12 > 50; 4x9 <= 50 < 6x9
     assert batches(1) == [[0], [2], [1], [3]]  # one example per forward, as the reference
     assert batches(10_000) == [[0, 2, 1, 3]]
+    # packed, each example is one sequence as long as its rows laid end to end (no shared prefix
+    # here: all-zero rows of different lengths share min(length) tokens): 12, 5, 9, 4
+    packed = lambda budget: [list(b) for b in core_eval.length_batches(examples, budget, packed=True)]
+    assert [core_eval.packed_len(ex) for ex in examples] == [12, 5, 9, 4]
+    assert packed(24) == [[0, 2], [1, 3]]  # 2x12 <= 24 < 3x12; then 5x2
+    assert packed(1) == [[0], [2], [1], [3]]
 
 
 def test_empty_task_list_and_unknown_task(bundle):
@@ -295,7 +329,7 @@ def make_zip(folder, path):
 
 def bigram_model(vocab_size, seed=0):
     table = torch.randn(vocab_size, vocab_size, generator=torch.Generator().manual_seed(seed))
-    return lambda ids: table[ids]
+    return lambda ids, packing=None: table[ids]  # depends on the current token only
 
 
 def test_full_and_partial_core(tmp_path, monkeypatch, small_tokenizer):
@@ -427,21 +461,31 @@ def random_gpt(vocab_size, seq_len=256):
         for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0.0, p.shape[1] ** -0.5)
+        model.smear_lambda.fill_(0.5)  # smear starts off; a packing must feed it the right previous token
     return model.eval()
 
 
-def test_batched_equals_one_at_a_time(tasks, small_tokenizer):
+def test_batched_and_packed_equal_one_at_a_time(tasks, small_tokenizer):
+    """The reference's way (one example per forward, every option a full sequence) against
+    batching and against batching with shared prefixes. arc_easy's 10-shot prompts run past the
+    model's 128-token short window, so windows under a packing are covered too."""
     tok = small_tokenizer
     model = random_gpt(tok.get_vocab_size())
+    assert model.window_sizes[0] == 128
     decided = 0
-    for label in ["hellaswag_zeroshot", "copa", "winograd", "bigbench_qa_wikidata", "lambada_openai"]:
+    for label in ["hellaswag_zeroshot", "copa", "arc_easy", "winograd", "bigbench_qa_wikidata", "lambada_openai"]:
         task = tasks[label]
         data = core_eval.load_examples(task, N)
         examples = core_eval.prepare_examples(tok, task, data, range(N))
-        single = core_eval.score_examples(model, examples, tok.get_bos_token_id(), "cpu", batch_tokens=1)
-        batched = core_eval.score_examples(model, examples, tok.get_bos_token_id(), "cpu", batch_tokens=2000)
-        for ex, (m1, e1), (m4, e4) in zip(examples, single, batched):
-            assert m4 == pytest.approx(m1, rel=1e-5) and e4 == e1, label
-            assert core_eval.is_correct(task.task_type, ex, m4, e4) == core_eval.is_correct(task.task_type, ex, m1, e1)
-            decided += len(set(m1)) > 1
+        single = core_eval.score_examples(model, examples, tok.get_bos_token_id(), "cpu", 1, share_prefix=False)
+        for share in (False, True):
+            batched = core_eval.score_examples(model, examples, tok.get_bos_token_id(), "cpu", 2000,
+                                               share_prefix=share)
+            for ex, (m1, e1), (m2, e2) in zip(examples, single, batched):
+                assert m2 == pytest.approx(m1, rel=1e-5) and e2 == e1, (label, share)
+                assert core_eval.is_correct(task.task_type, ex, m2, e2) == core_eval.is_correct(task.task_type, ex, m1,
+                                                                                               e1)
+        decided += sum(len(set(m)) > 1 for m, _ in single)
+        if label == "arc_easy":
+            assert max(len(row) for ex in examples for row in ex.rows) > 2 * 128
     assert decided >= 30  # the options' losses really differ, so the comparison means something

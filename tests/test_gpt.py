@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from picochat.common import PicochatError
-from picochat.gpt import GPT, GPTConfig, build_model, config_from_depth, window_sizes
+from picochat.gpt import GPT, RECIPES, GPTConfig, build_model, config_from_depth, window_sizes
 
 # A small model that still exercises every feature: GQA (4 query heads on 2 kv heads), a sliding
 # window that bites (S = ceil(256/4/128)*128 = 128 < T = 256), value embeddings on layers 1 and 3,
@@ -346,6 +346,38 @@ def test_compiled_forward_matches_eager():
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
 
 
+def test_packed_forward_equals_separate_sequences():
+    """Three sequences sharing a 50-token prefix, packed into one row: each packed token's logits
+    equal the same token's logits when its sequence runs alone (RoPE positions, windows, smear's
+    previous token, value embeddings, backout). TINY's short window is 128 tokens."""
+    from picochat.attention import Packing
+
+    for preset in ("default", "jan29"):
+        config = GPTConfig(sequence_len=256, vocab_size=500, n_layer=4, n_head=4, n_kv_head=2, n_embd=128,
+                           window_pattern="SL", preset=preset)
+        model = perturbed(tiny(config))
+        assert model.window_sizes[0] < 150
+        g = torch.Generator().manual_seed(0)
+        prefix = torch.randint(0, 500, (50,), generator=g)
+        rests = [torch.randint(0, 500, (n,), generator=g) for n in (120, 7, 1)]
+        tokens, positions, segments, prev, where = prefix.tolist(), list(range(50)), [0] * 50, [], []
+        for s, rest in enumerate(rests, start=1):
+            where.append(list(range(50)) + list(range(len(tokens), len(tokens) + len(rest))))
+            tokens += rest.tolist()
+            positions += range(50, 50 + len(rest))
+            segments += [s] * len(rest)
+        prev = list(range(len(tokens)))
+        for w in where:
+            for p in range(1, len(w)):
+                prev[w[p]] = w[p - 1]
+        packing = Packing(*(torch.tensor([x]) for x in (positions, segments, prev)))
+        with torch.no_grad():
+            packed = model(torch.tensor([tokens]), packing=packing)
+            for rest, w in zip(rests, where):
+                alone = model(torch.cat([prefix, rest])[None])
+                torch.testing.assert_close(packed[0, w], alone[0], atol=2e-5, rtol=1e-5, msg=preset)
+
+
 # ---------------------------------------------------------------------------
 # Generation
 
@@ -417,6 +449,20 @@ def test_optimizer_groups_default():
     assert sorted(id(p) for g in muon for p in g["params"]) == sorted(block_ids)
     all_ids = [id(p) for g in groups for p in g["params"]]
     assert sorted(all_ids) == sorted(id(p) for p in model.parameters())
+
+
+def test_recipe_schedules():
+    # the current reference (spec sections 6.3, 7.1, 7.3) and the Jan-29 record (read off the spec's history)
+    fields = ("momentum_start", "momentum_peak", "momentum_warmup", "momentum_final", "wd_schedule", "wd_scaling",
+              "polar_express_norm", "muon_eq", "muon_plus")
+    flags = ("warmup_steps", "warmdown_ratio", "final_lr_frac", "weight_decay")
+    default, jan29 = RECIPES["default"], RECIPES["jan29"]
+    assert [getattr(default, f) for f in fields] == [0.85, 0.97, 400, 0.90, "cosine", "t_epoch", 1.01, True, True]
+    assert [default.train_defaults[f] for f in flags] == [40, 0.65, 0.05, 0.28]
+    assert [getattr(jan29, f) for f in fields] == [0.85, 0.95, 300, 0.95, "linear", "depth_squared", 1.02, False,
+                                                   False]
+    assert [jan29.train_defaults[f] for f in flags] == [0, 0.4, 0.0, 0.2]
+    assert all(set(r.train_defaults) == set(default.train_defaults) for r in RECIPES.values())
 
 
 def test_optimizer_groups_jan29():

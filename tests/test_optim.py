@@ -121,15 +121,16 @@ def scalar_polar_express(s, ns_steps=5):
     return s
 
 
+@pytest.mark.parametrize("norm_factor", [1.01, 1.02])  # the current reference's, Jan-29's
 @pytest.mark.parametrize("shape", [(32, 96), (64, 64), (96, 32)], ids=["wide", "square", "tall"])
-def test_polar_express_singular_values(shape):
+def test_polar_express_singular_values(shape, norm_factor):
     x = torch.randn(3, *shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     s_in = torch.linalg.svdvals(x)
-    y = polar_express(x.float(), 5).double()
+    y = polar_express(x.float(), 5, norm_factor).double()
     s_out = torch.linalg.svdvals(y)
-    # the iteration maps each singular value, divided by 1.01*|X|_F, through the same odd
+    # the iteration maps each singular value, divided by norm_factor*|X|_F, through the same odd
     # polynomial; that polynomial wiggles around 1, so compare the values as sorted sets
-    s_norm = s_in / (1.01 * torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True)[..., 0] + 1e-6)
+    s_norm = s_in / (norm_factor * torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True)[..., 0] + 1e-6)
     expected = scalar_polar_express(s_norm).sort(dim=-1).values
     torch.testing.assert_close(s_out.sort(dim=-1).values, expected, rtol=1e-4, atol=1e-5)
     # the coefficients were designed for inputs in [1e-3, 1]; those land in [0.8589, 1.1411]
@@ -176,7 +177,7 @@ def test_param_group_validation():
 # Muon
 
 
-def reference_muon(p, grads, lr, momentum, wd, beta2, steps):
+def reference_muon(p, grads, lr, momentum, wd, beta2, steps, norm_factor=1.01, muon_eq=True, muon_plus=True):
     """The Muon update transcribed step by step, one matrix at a time, in float64."""
     p = p.double().clone()
     m, n = p.shape
@@ -185,9 +186,10 @@ def reference_muon(p, grads, lr, momentum, wd, beta2, steps):
         g = g.double()
         buf = buf + (1 - momentum) * (g - buf)
         x = g + momentum * (buf - g)
-        fro = x.norm()
-        x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-6) * (fro / math.sqrt(m))
-        x = x / (1.01 * x.norm() + 1e-6)
+        if muon_eq:
+            fro = x.norm()
+            x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-6) * (fro / math.sqrt(m))
+        x = x / (norm_factor * x.norm() + 1e-6)
         for a, b, c in POLAR_EXPRESS_COEFFS:
             if m <= n:
                 A = x @ x.T
@@ -195,7 +197,8 @@ def reference_muon(p, grads, lr, momentum, wd, beta2, steps):
             else:
                 A = x.T @ x
                 x = a * x + x @ (b * A + c * A @ A)
-        x = x * math.sqrt(min(m, n)) / x.norm()
+        if muon_plus:
+            x = x * math.sqrt(min(m, n)) / x.norm()
         mean_sq = x.square().mean(dim=1 if m >= n else 0, keepdim=True)
         v = (1 - beta2) * mean_sq if v is None else v + (1 - beta2) * (mean_sq - v)
         scaled = x / v.sqrt()
@@ -205,7 +208,9 @@ def reference_muon(p, grads, lr, momentum, wd, beta2, steps):
     return p
 
 
-def test_muon_matches_float64_reference():
+@pytest.mark.parametrize("variant", [{}, dict(norm_factor=1.02, muon_eq=False, muon_plus=False)],
+                         ids=["default", "jan29"])
+def test_muon_matches_float64_reference(variant):
     # stacks of (2, 16, 32) and (1, 48, 16): rank 0's chunks in the distributed test below
     g = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(16, 32, generator=g) / 4) for _ in range(2)]
@@ -213,15 +218,57 @@ def test_muon_matches_float64_reference():
     init = [p.detach().clone() for p in params]
     hp = dict(lr=0.05, momentum=0.9, weight_decay=0.2, beta2=0.9)
     group = dict(kind="muon", ns_steps=5, **hp)
-    opt = MuonAdamW([dict(group, params=params[:2]), dict(group, params=params[2:])])
+    options = {} if not variant else dict(polar_express_norm=variant["norm_factor"], muon_eq=variant["muon_eq"],
+                                          muon_plus=variant["muon_plus"])
+    opt = MuonAdamW([dict(group, params=params[:2]), dict(group, params=params[2:])], **options)
     grads = {id(p): [torch.randn(p.shape, generator=g) for _ in range(4)] for p in params}
     for step in range(4):
         for p in params:
             p.grad = grads[id(p)][step]
         opt.step()
     for p, p0 in zip(params, init):
-        expected = reference_muon(p0, grads[id(p)], hp["lr"], hp["momentum"], hp["weight_decay"], hp["beta2"], 4)
+        expected = reference_muon(p0, grads[id(p)], hp["lr"], hp["momentum"], hp["weight_decay"], hp["beta2"], 4,
+                                  **variant)
         torch.testing.assert_close(p.double(), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(6, 10), (10, 6)], ids=["wide", "tall"])
+def test_jan29_muon_single_step_plain_reference(shape):
+    # Jan-29's Muon (no MuonEq, no Muon+, Polar Express normalized by 1.02), one step from a zero
+    # momentum buffer, written out plainly in float64: Nesterov momentum, Polar Express, NorMuon's
+    # first step, the sqrt(max(1, m/n)) lr and cautious weight decay
+    m, n = shape
+    gen = torch.Generator().manual_seed(3)
+    p0 = torch.randn(m, n, generator=gen, dtype=torch.float64) / 3
+    grad = torch.randn(m, n, generator=gen, dtype=torch.float64)
+    lr, mu, wd, beta2 = 0.03, 0.85, 0.05, 0.95
+    buf = (1 - mu) * grad  # lerp(0, g, 1 - mu)
+    x = (1 - mu) * grad + mu * buf  # lerp(g, buf, mu): Nesterov
+    x = x / (1.02 * torch.sqrt((x * x).sum()) + 1e-6)
+    for a, b, c in POLAR_EXPRESS_COEFFS:
+        if m <= n:
+            A = x @ x.T
+            x = a * x + b * (A @ x) + c * (A @ A @ x)
+        else:
+            A = x.T @ x
+            x = a * x + b * (x @ A) + c * (x @ A @ A)
+    v = (1 - beta2) * (x * x).mean(dim=1 if m >= n else 0, keepdim=True)  # lerp(0, mean x^2, 1 - beta2)
+    scaled = x / torch.sqrt(v)
+    x = scaled * torch.sqrt((x * x).sum() / (scaled * scaled).sum())
+    eff_lr = lr * math.sqrt(max(1, m / n))
+    expected = p0 - eff_lr * x - eff_lr * wd * p0 * (x * p0 >= 0)
+
+    results = {}
+    for name, options in [("jan29", dict(polar_express_norm=1.02, muon_eq=False, muon_plus=False)), ("default", {})]:
+        p = torch.nn.Parameter(p0.float().clone())
+        p.grad = grad.float()
+        opt = MuonAdamW([dict(kind="muon", params=[p], lr=lr, momentum=mu, ns_steps=5, beta2=beta2,
+                              weight_decay=wd)], **options)
+        opt.step()
+        results[name] = p.detach().double()
+    torch.testing.assert_close(results["jan29"], expected, rtol=1e-5, atol=1e-6)
+    # the switches matter: today's variant takes another step
+    assert (results["default"] - expected).abs().max() > 1e-4
 
 
 def hadamard(n):

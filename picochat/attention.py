@@ -6,8 +6,9 @@ A window of w means query r sees keys r-w .. r (w+1 keys); w < 0 or w >= T is pl
 attention. H may be a multiple of Hkv (grouped-query attention). The softmax scale is 1/sqrt(D).
 
 Three backends, chosen per call from the device, the dtype and whether the window bites:
-- fa3:  Flash Attention 3 from the Hugging Face kernel hub (`kernels` package). CUDA and bf16 only;
-        handles windows natively. Used for everything when it loads.
+- fa3:  Flash Attention 3 from the Hugging Face kernel hub (`kernels` package: pip install
+        'picochat[gpu]'), on Hopper (SM90) and Ampere/Ada (SM8x) only. CUDA and bf16 only;
+        handles windows natively. Used for everything when it loads; fa3_status() says why not.
 - flex: torch FlexAttention, compiled, with a block-sparse mask cached per (T, window, device).
         Used for sliding windows on CUDA without FA3. FlexAttention has no backward on CPU/MPS,
         so there it only runs when forced (inference).
@@ -23,6 +24,7 @@ into one row; CORE uses it to run a few-shot prompt once for all its answer opti
 SDPA with a dense mask built from the packing.
 """
 
+import inspect
 import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -59,30 +61,51 @@ def forced_backend():
 # FA3 from the kernel hub: loaded once, only on CUDA, and any failure just means "no FA3".
 
 
+def _hub_kwargs(fn) -> dict:
+    """Arguments for kernels.get_kernel / has_kernel that say which build to fetch and that we trust it.
+    kernels >= 0.15 raises without revision= or version=; "main" is what older releases fetched.
+    kernels >= 0.14 refuses repos of publishers the hub does not list as trusted (the Hopper build
+    is in a personal repo) unless trust_remote_code=True; older releases, and has_kernel before
+    0.17, do not take that argument."""
+    kwargs = {"revision": "main"}
+    if "trust_remote_code" in inspect.signature(fn).parameters:
+        kwargs["trust_remote_code"] = True
+    return kwargs
+
+
 def load_fa3():
-    """The flash_attn_interface module of FA3, or None. Tried once per process."""
+    """The flash_attn_interface module of FA3, or None. Tried once per process; fa3_status() says why."""
     global _fa3, _fa3_status
     if _fa3_status is not None:
         return _fa3
     if not torch.cuda.is_available():
         _fa3_status = "no CUDA"
         return None
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    major, minor = torch.cuda.get_device_capability()
+    # Only the architectures these builds are made for: a build for another one (Blackwell is
+    # SM10x/12x) can load fine and then crash at the first forward.
+    if major == 9:
+        repo = "varunneal/flash-attention-3"  # Hopper
+    elif major == 8:
+        repo = "kernels-community/flash-attn3"  # Ampere/Ada, where published for this torch
+    else:
+        _fa3_status = f"no FA3 kernel published for SM{major}{minor}"
+        return None
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read when huggingface_hub is imported
     try:
-        from kernels import get_kernel, has_kernel
-
-        major, minor = torch.cuda.get_device_capability()
-        if major == 9:
-            repo = "varunneal/flash-attention-3"  # Hopper build
-        elif has_kernel("kernels-community/flash-attn3"):
-            repo = "kernels-community/flash-attn3"  # Ampere/Ada builds, where published
-        else:
-            _fa3_status = f"no FA3 kernel published for SM{major}{minor}"
+        import kernels
+    except ImportError as e:
+        _fa3_status = f"FA3 needs the kernels package, pip install 'picochat[gpu]' ({e})"
+        return None
+    version = getattr(kernels, "__version__", "?")
+    try:  # offline, no build for this torch, refused by kernels: all mean SDPA/Flex instead
+        if major == 8 and not kernels.has_kernel(repo, **_hub_kwargs(kernels.has_kernel)):
+            _fa3_status = f"{repo} has no build for this torch and SM{major}{minor}"
             return None
-        _fa3 = get_kernel(repo).flash_attn_interface
-        _fa3_status = f"FA3 from {repo}"
-    except Exception as e:  # not installed, offline, no matching build: all mean SDPA/Flex instead
-        _fa3_status = f"FA3 unavailable ({type(e).__name__}: {e})"
+        _fa3 = kernels.get_kernel(repo, **_hub_kwargs(kernels.get_kernel)).flash_attn_interface
+        _fa3_status = f"FA3 from {repo} (kernels {version})"
+    except Exception as e:
+        _fa3_status = f"FA3 from {repo} failed to load with kernels {version} ({type(e).__name__}: {e})"
     return _fa3
 
 
@@ -176,16 +199,37 @@ def fa3_attention(q, k, v, window: int):
     return y[0] if isinstance(y, tuple) else y  # some builds also return the log-sum-exp
 
 
-# Masks are cached per (kind, T, window, device) and built outside any torch.compile trace:
-# a compiled model then reads a finished mask instead of rebuilding it in its graph every step
-# (and inductor on CPU cannot lower flex_attention on a block mask built inside the graph).
-# Training uses one or two; evaluation sees many lengths, so only the most recent are kept.
+# Masks are cached per (kind, T, window, device) and built outside any torch.compile trace
+# (inductor on CPU cannot lower flex_attention on a block mask built inside the graph).
+# The training length's masks are pinned before the model is compiled: the compiled graph then
+# only reads them (building one mid-trace would split it at every layer), and evaluation, which
+# sees many lengths and keeps only the most recent in a small LRU cache, cannot evict them.
 MAX_CACHED_MASKS = 16
+_pinned = {}
 _masks = OrderedDict()
+
+
+def mask_kind(window: int, seq_len: int, device, dtype):
+    """"dense", "block" or None: the mask attention() needs for this window and length."""
+    name = backend_name(window, seq_len, device, dtype)
+    if name == "flex":
+        return "block"
+    return "dense" if name == "sdpa" and not is_full(window, seq_len) else None
+
+
+def pin_masks(windows, seq_len: int, device, dtype):
+    """Build and keep for good the masks that attention() will need at seq_len."""
+    for window in set(windows):
+        kind = mask_kind(window, seq_len, device, dtype)
+        key = (kind, seq_len, window, torch.device(device))
+        if kind is not None and key not in _pinned:
+            _pinned[key] = _build_mask(kind, seq_len, window, torch.device(device))
 
 
 def cached_mask(kind: str, seq_len: int, window: int, device):
     key = (kind, seq_len, window, torch.device(device))
+    if key in _pinned:
+        return _pinned[key]
     if key in _masks:
         _masks.move_to_end(key)
     else:

@@ -20,7 +20,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from picochat import checkpoint
-from picochat.common import PicochatError, compute_cleanup, compute_init, get_base_dir, print0
+from picochat.common import PicochatError, compute_cleanup, compute_init, get_base_dir, out_of_memory_hint, print0
 from picochat.core_eval import BATCH_TOKENS, evaluate_core, format_table, load_bundle, load_tasks, select_tasks
 from picochat.dataloader import DataLoader
 from picochat.dataset import DEFAULT_DATASET
@@ -149,12 +149,14 @@ def run(c: BaseEvalConfig) -> dict:
             for split in ("train", "val"):
                 loader = DataLoader(tokenizer, c.device_batch_size, T, split, c.dataset, rt.device)
                 t0 = time.time()
-                bpb = evaluate_bpb(model, loader, steps, token_bytes)
+                with out_of_memory_hint("--device-batch-size", c.device_batch_size, f"in {split} bpb"):
+                    bpb = evaluate_bpb(model, loader, steps, token_bytes)
                 record["bpb"][split] = bpb
                 print0(f"{split} bpb: {bpb:.6f} ({steps * tokens_per_step:,} tokens in {time.time() - t0:.1f}s)")
 
         if "core" in evals:
-            result = evaluate_core(model, tokenizer, rt.device, c.max_per_task, tasks, c.core_batch_tokens)
+            with out_of_memory_hint("--core-batch-tokens", c.core_batch_tokens, "in the CORE evaluation"):
+                result = evaluate_core(model, tokenizer, rt.device, c.max_per_task, tasks, c.core_batch_tokens)
             print0("\n" + format_table(result))
             print0(f"{result['examples']} examples in {result['seconds']:.1f}s "
                    f"({result['examples_per_s']:.1f} examples/s)")

@@ -58,10 +58,11 @@ from picochat.common import (
     compute_init,
     device_name,
     get_peak_flops,
+    out_of_memory_hint,
     print0,
     synchronize,
 )
-from picochat.core_eval import evaluate_core, load_bundle, load_tasks
+from picochat.core_eval import BATCH_TOKENS, evaluate_core, load_bundle, load_tasks
 from picochat.dataloader import DataLoader
 from picochat.dataset import DEFAULT_DATASET, data_dir_for, split_files
 from picochat.gpt import GPT, RECIPES, Recipe, build_model, config_from_depth
@@ -111,6 +112,7 @@ class TrainConfig:
     eval_tokens: int = 80 * 524288
     core_metric_every: int = 2000
     core_metric_max_per_task: int = 500
+    core_batch_tokens: int = BATCH_TOKENS
     sample_every: int = 2000
     save_every: int = -1
     # output, data, runtime
@@ -350,7 +352,7 @@ def check_config(c: TrainConfig):
         raise PicochatError("pass either --resume (the latest checkpoint) or --resume-from-step, not both")
     if c.compile not in ("auto", "on", "off"):
         raise PicochatError(f"--compile must be auto, on or off (got {c.compile!r})")
-    for name in ("depth", "aspect_ratio", "head_dim", "max_seq_len", "device_batch_size"):
+    for name in ("depth", "aspect_ratio", "head_dim", "max_seq_len", "device_batch_size", "core_batch_tokens"):
         if getattr(c, name) < 1:
             raise PicochatError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(c, name)})")
     if c.num_iterations <= 0 and c.target_flops <= 0 and c.target_param_data_ratio <= 0:
@@ -375,7 +377,7 @@ def core_task_labels() -> list[str]:
     return present
 
 
-def find_resume_step(c: TrainConfig, ckpt_dir: Path) -> int | None:
+def pick_resume_step(c: TrainConfig, ckpt_dir: Path) -> int | None:
     steps = ckpt.complete_steps(ckpt_dir)
     if c.resume_from_step >= 0:
         if c.resume_from_step not in steps:
@@ -390,8 +392,33 @@ def find_resume_step(c: TrainConfig, ckpt_dir: Path) -> int | None:
     return None
 
 
-def check_resumable(meta: dict, model_config, c: TrainConfig, world_size: int, where: str):
+def find_resume_step(c: TrainConfig, ckpt_dir: Path, rank: int, ddp: bool) -> int | None:
+    """The step to resume from (None: start fresh). Rank 0 decides for every rank: ranks on
+    other nodes may not see its files, and must then stop rather than start over out of step."""
+    decision = [None, None]  # step, error
+    if rank == 0:
+        try:
+            decision[0] = pick_resume_step(c, ckpt_dir)
+        except PicochatError as e:
+            decision[1] = str(e)
+    if ddp:
+        dist.broadcast_object_list(decision, src=0)
+    step, error = decision
+    if error is not None:
+        raise PicochatError(error)
+    if step is not None and step not in ckpt.complete_steps(ckpt_dir):
+        raise PicochatError(f"rank {rank} cannot see the checkpoint at step {step} in {ckpt_dir} that rank 0 resumes "
+                            "from: resuming a multi-node run needs that folder on a file system all nodes share "
+                            "(or a copy of it on every node)")
+    return step
+
+
+def check_resumable(meta: dict, model_config, c: TrainConfig, world_size: int, dtype: torch.dtype, where: str):
     ckpt.check_same_config(meta["model_config"], model_config, where)
+    saved_dtype = meta.get("compute_dtype", str(dtype))
+    if saved_dtype != str(dtype):
+        raise PicochatError(f"{where} was trained in {saved_dtype}, this run computes in {dtype}: resume with the "
+                            f"same dtype (PICOCHAT_DTYPE={saved_dtype.removeprefix('torch.')})")
     if meta["world_size"] != world_size:
         raise PicochatError(f"{where} was saved by {meta['world_size']} process(es); resume it with the same "
                             f"number (this run has {world_size})")
@@ -439,11 +466,11 @@ def train(c: TrainConfig, rt, stop) -> dict:
                                      c.window_pattern, c.preset)
     tag = c.model_tag or f"d{c.depth}"
     ckpt_dir = ckpt.checkpoint_dir("base", tag)
-    resume_step = find_resume_step(c, ckpt_dir)
+    resume_step = find_resume_step(c, ckpt_dir, rt.rank, rt.ddp)
     if resume_step is not None:
         where = f"the checkpoint at step {resume_step} in {ckpt_dir}"
         meta = ckpt.load_meta(ckpt_dir, resume_step)
-        check_resumable(meta, model_config, c, world, where)
+        check_resumable(meta, model_config, c, world, rt.dtype, where)
         resume_state = ckpt.load_optim_state(ckpt_dir, resume_step, rt.rank, device)
         print0(f"resuming from {where}")
 
@@ -510,7 +537,7 @@ def train(c: TrainConfig, rt, stop) -> dict:
                 "user_config": dataclasses.asdict(c), "device_batch_size": c.device_batch_size,
                 "max_seq_len": c.max_seq_len, "total_batch_size": batch, "num_iterations": n,
                 "loop_state": loop_state, "dataloader_state": loader_state, "world_size": world,
-                "preset": c.preset}
+                "preset": c.preset, "compute_dtype": str(rt.dtype)}
         rank_state = {"optimizer": optimizer.state_dict(), "loader": loader_state, "batch": (x.cpu(), y.cpu()),
                       "rng": ckpt.get_rng_state(device), "scaler": scaler.state_dict() if scaler else None}
         ckpt.save_checkpoint(ckpt_dir, step, orig_model.state_dict() if master else None, rank_state, meta, rt.rank)
@@ -534,14 +561,16 @@ def train(c: TrainConfig, rt, stop) -> dict:
                     val_loader = DataLoader(tokenizer, c.device_batch_size, c.max_seq_len, "val", data_dir, device,
                                             rt.rank, world)
                     eval_steps = max(1, c.eval_tokens // (c.device_batch_size * c.max_seq_len * world))
-                    val_bpb = evaluate_bpb(model, val_loader, eval_steps, token_bytes)
+                    with out_of_memory_hint("--device-batch-size", c.device_batch_size, "in validation"):
+                        val_bpb = evaluate_bpb(model, val_loader, eval_steps, token_bytes)
                     loop["val_bpb"] = val_bpb
                     loop["min_val_bpb"] = min(val_bpb, loop["min_val_bpb"] or math.inf)
                     record["val_bpb"] = val_bpb
                     print0(f"step {step:05d} | validation bpb: {val_bpb:.6f}")
                 if c.core_metric_every > 0 and (last_step or (step > 0 and step % c.core_metric_every == 0)):
-                    results = evaluate_core(orig_model, tokenizer, device, max_per_task=c.core_metric_max_per_task,
-                                            tasks=core_tasks)
+                    with out_of_memory_hint("--core-batch-tokens", c.core_batch_tokens, "in the CORE evaluation"):
+                        results = evaluate_core(orig_model, tokenizer, device, max_per_task=c.core_metric_max_per_task,
+                                                tasks=core_tasks, batch_tokens=c.core_batch_tokens)
                     # a subset of the 22 tasks is never logged as CORE
                     key = "core" if results["core"] is not None else "core_partial"
                     record[key] = results["metric"]
@@ -562,7 +591,8 @@ def train(c: TrainConfig, rt, stop) -> dict:
 
             synchronize(device)
             t0 = time.perf_counter()
-            try:
+            with out_of_memory_hint("--device-batch-size", c.device_batch_size,
+                                    "in a training step (gradient accumulation keeps the total batch)"):
                 loss_sum = 0.0
                 for _ in range(accum):
                     loss = model(x, y)
@@ -584,9 +614,6 @@ def train(c: TrainConfig, rt, stop) -> dict:
                     optimizer.step()
                 model.zero_grad(set_to_none=True)
                 train_loss = (loss_sum / accum).item()
-            except torch.OutOfMemoryError:
-                raise PicochatError(f"out of memory at --device-batch-size {c.device_batch_size}: try a smaller one "
-                                    "(e.g. half; gradient accumulation keeps the total batch)") from None
             synchronize(device)
             dt = time.perf_counter() - t0
 
@@ -699,6 +726,8 @@ def main(argv=None):
                    help="steps between CORE evals (-1 = never)")
     g.add_argument("--core-metric-max-per-task", type=int, default=d.core_metric_max_per_task,
                    help="examples per CORE task (-1 = all)")
+    g.add_argument("--core-batch-tokens", type=int, default=d.core_batch_tokens,
+                   help="CORE: padded tokens per forward pass (lower it if CORE runs out of memory)")
     g.add_argument("--sample-every", type=int, default=d.sample_every,
                    help="steps between greedy samples (-1 = never)")
     g.add_argument("--save-every", type=int, default=d.save_every,

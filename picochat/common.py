@@ -1,6 +1,7 @@
 """Runtime plumbing shared by every stage: where files live, which device and
 dtype we compute in, torch.distributed setup, and user-facing errors."""
 
+import contextlib
 import os
 import re
 import urllib.parse
@@ -149,13 +150,15 @@ def synchronize(device: torch.device):
 
 
 # ---------------------------------------------------------------------------
-# Peak dense bf16 FLOPs, for MFU. First matching pattern wins, so specific
-# variants (NVL, PCIe) come before the bare name.
+# Peak dense bf16 FLOPs, for MFU (reference table §9.4). First matching pattern wins, so specific
+# variants (NVL, PCIe) come before the bare name. Patterns match whole words of the device name:
+# as plain substrings "l4" would match "NVIDIA L40S", "a40" "NVIDIA RTX A4000" and so on.
 
 PEAK_FLOPS = [
     (r"gb200|grace blackwell", 2.5e15),
     (r"b200", 2.25e15),
     (r"b100", 1.8e15),
+    (r"gh200", 989e12),  # Hopper; the reference's substring "h200" matched it
     (r"h200.*(nvl|pcie)", 836e12),
     (r"h200", 989e12),
     (r"h100.*nvl", 835e12),
@@ -167,9 +170,10 @@ PEAK_FLOPS = [
     (r"a40", 149.7e12),
     (r"a30", 165e12),
     (r"l40s", 362e12),
+    (r"l40", 181.05e12),  # not in the reference table (its "l4" matched L40); NVIDIA datasheet, dense
     (r"l4", 121e12),
-    (r"mi355", 2.5e15),
-    (r"mi325|mi300x", 1.3074e15),
+    (r"mi355x?", 2.5e15),
+    (r"mi325x?|mi300x", 1.3074e15),
     (r"mi300a", 980.6e12),
     (r"mi250x", 383e12),
     (r"mi250", 362.1e12),
@@ -187,7 +191,7 @@ def get_peak_flops(device_name: str) -> float:
         units = getattr(props, "max_compute_units", 0) if props is not None else 0
         return 512 * units * 1.3e9 if units else float("inf")
     for pattern, flops in PEAK_FLOPS:
-        if re.search(pattern, name):
+        if re.search(rf"\b(?:{pattern})\b", name):
             return flops
     return float("inf")
 
@@ -197,3 +201,17 @@ def device_name(device: torch.device) -> str:
         return torch.cuda.get_device_name(device)
     return device.type
 
+
+
+@contextlib.contextmanager
+def out_of_memory_hint(flag: str, value: int, what: str):
+    """Turn an out-of-memory error inside the block into one line that names the flag to lower
+    (a CUDA OOM traceback names none). what: the work that ran out, e.g. "in a training step"."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        if value > 1:
+            advice = f"try a smaller {flag} (e.g. {value // 2})"
+        else:
+            advice = "it does not fit even at 1: use a smaller --depth or shorter sequences"
+        raise PicochatError(f"out of memory {what} at {flag} {value}: {advice}") from None

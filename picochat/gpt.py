@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from picochat.attention import attention, describe
+from picochat.attention import attention, describe, pin_masks
 from picochat.common import PicochatError, print0
 
 SOFTCAP = 15.0
@@ -520,5 +520,6 @@ def build_model(config: GPTConfig, device, compute_dtype) -> GPT:
         model = GPT(config, compute_dtype)
     model.to_empty(device=device)
     model.init_weights()
+    pin_masks(model.window_sizes, config.sequence_len, device, compute_dtype)  # before any torch.compile
     print0(model.attention_summary())
     return model

@@ -1,5 +1,7 @@
 """Attention backends against a plain softmax reference written out here."""
 
+import sys
+import types
 import warnings
 
 import pytest
@@ -128,7 +130,7 @@ def test_flex_backward_cuda(T, H, Hkv, window, dtype):
         torch.testing.assert_close(got.grad.double().cpu(), want.grad, **TOL[dtype])
 
 
-@pytest.mark.skipif(A.load_fa3() is None, reason="FA3 is not available (needs CUDA and the kernels package)")
+@pytest.mark.skipif(A.load_fa3() is None, reason=f"FA3 not loaded: {A.fa3_status()}")
 @pytest.mark.parametrize("T,H,Hkv,window", CASES)
 def test_fa3_forward_backward(T, H, Hkv, window):
     q, k, v = make_qkv(2, T, H, Hkv, 64, torch.bfloat16, grad=True, device="cuda")
@@ -242,3 +244,168 @@ def test_mask_cache_keeps_only_the_most_recent(monkeypatch):
     A.cached_mask("dense", 100, 2, "cpu")  # evicts T=11, the least recently used
     assert len(A._masks) == A.MAX_CACHED_MASKS and ("dense", 11, 2, torch.device("cpu")) not in A._masks
     assert A.cached_mask("dense", 10, 2, "cpu") is first
+
+
+def test_pinned_masks_survive_the_cache(monkeypatch):
+    monkeypatch.setattr(A, "_masks", A.OrderedDict())
+    monkeypatch.setattr(A, "_pinned", {})
+    A.pin_masks([50, 300, 50], 300, "cpu", torch.float32)  # one short window, one full
+    assert list(A._pinned) == [("dense", 300, 50, torch.device("cpu"))]
+    pinned = A._pinned[("dense", 300, 50, torch.device("cpu"))]
+    for T in range(10, 10 + 2 * A.MAX_CACHED_MASKS):
+        A.cached_mask("dense", T, 5, "cpu")
+    assert A.cached_mask("dense", 300, 50, "cpu") is pinned
+    A.pin_masks([50], 300, "cpu", torch.float32)  # pinning again keeps the same mask
+    assert A._pinned[("dense", 300, 50, torch.device("cpu"))] is pinned
+    A.force_backend("flex")
+    A.pin_masks([50], 300, "cpu", torch.float32)
+    assert ("block", 300, 50, torch.device("cpu")) in A._pinned
+
+
+# ---------------------------------------------------------------------------
+# Loading FA3, against a fake `kernels` package (no GPU or hub needed)
+
+
+def fake_kernels(calls, published=True, error=None, returns_lse=False, old_api=False):
+    """A stand-in for the kernels package. Like kernels >= 0.15 it refuses a load without
+    revision= or version=, and like >= 0.14 a repo outside the trusted publishers without
+    trust_remote_code=True. With old_api, the signatures of kernels 0.12 (no trust_remote_code)."""
+
+    def flash_attn_func(q, k, v, causal, window_size):
+        calls.append(("flash_attn_func", causal, window_size))
+        y = q.clone()
+        return (y, torch.zeros(q.shape[:3])) if returns_lse else y
+
+    def check(repo_id, revision, version, trust_remote_code):
+        if revision is None and version is None:
+            raise ValueError("A kernel version or revision must be specified.")
+        if not old_api and repo_id.split("/")[0] != "kernels-community" and trust_remote_code is not True:
+            raise ValueError(f"{repo_id} is not from a trusted publisher")
+
+    def has_kernel(repo_id, *, revision=None, version=None, backend=None, trust_remote_code=False,
+                   check_arch=True):
+        calls.append(("has_kernel", repo_id, dict(revision=revision, trust_remote_code=trust_remote_code)))
+        check(repo_id, revision, version, trust_remote_code)
+        return published
+
+    def get_kernel(repo_id, *, revision=None, version=None, backend=None, user_agent=None,
+                   trust_remote_code=False, check_arch=True):
+        calls.append(("get_kernel", repo_id, dict(revision=revision, trust_remote_code=trust_remote_code)))
+        check(repo_id, revision, version, trust_remote_code)
+        if error is not None:
+            raise error
+        return types.SimpleNamespace(flash_attn_interface=types.SimpleNamespace(flash_attn_func=flash_attn_func))
+
+    def old_has_kernel(repo_id, revision=None, version=None):
+        return has_kernel(repo_id, revision=revision, version=version)
+
+    def old_get_kernel(repo_id, revision=None, version=None, user_agent=None):
+        return get_kernel(repo_id, revision=revision, version=version)
+
+    module = types.ModuleType("kernels")
+    module.__version__ = "0.12.3" if old_api else "0.17.2"
+    module.has_kernel = old_has_kernel if old_api else has_kernel
+    module.get_kernel = old_get_kernel if old_api else get_kernel
+    return module
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """fake_gpu(capability, **fake_kernels options) -> calls: a CUDA device of that compute
+    capability and a fake kernels package, with FA3 not yet loaded in this process."""
+    monkeypatch.setattr(A, "_fa3", None)
+    monkeypatch.setattr(A, "_fa3_status", None)
+
+    def setup(capability, **options):
+        calls = []
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+        monkeypatch.setitem(sys.modules, "kernels", fake_kernels(calls, **options))
+        return calls
+
+    return setup
+
+
+TRUSTED = dict(revision="main", trust_remote_code=True)
+
+
+def test_fa3_on_hopper_loads_the_hopper_build(fake_gpu):
+    calls = fake_gpu((9, 0))
+    assert A.load_fa3() is not None
+    assert calls == [("get_kernel", "varunneal/flash-attention-3", TRUSTED)]
+    assert A.fa3_status() == "FA3 from varunneal/flash-attention-3 (kernels 0.17.2)"
+    assert A.backend_name(512, 2048, "cuda", torch.bfloat16) == "fa3"
+    assert A.backend_name(512, 2048, "cuda", torch.float32) == "flex"  # FA3 is bf16 only
+    A.load_fa3()
+    assert len(calls) == 1  # tried once per process
+
+
+@pytest.mark.parametrize("capability", [(8, 0), (8, 6), (8, 9)])
+def test_fa3_on_ampere_and_ada_loads_the_community_build(fake_gpu, capability):
+    calls = fake_gpu(capability)
+    assert A.load_fa3() is not None
+    repo = "kernels-community/flash-attn3"
+    assert calls == [("has_kernel", repo, TRUSTED), ("get_kernel", repo, TRUSTED)]
+    assert A.fa3_status() == f"FA3 from {repo} (kernels 0.17.2)"
+
+
+@pytest.mark.parametrize("capability", [(10, 0), (12, 0), (7, 5)])
+def test_fa3_is_not_tried_on_other_architectures(fake_gpu, capability):
+    """Blackwell must not get an Ampere/Ada build that loads and then crashes at the first forward."""
+    calls = fake_gpu(capability)
+    assert A.load_fa3() is None
+    assert calls == []
+    assert A.fa3_status() == f"no FA3 kernel published for SM{capability[0]}{capability[1]}"
+    assert A.backend_name(512, 2048, "cuda", torch.bfloat16) == "flex"
+
+
+def test_fa3_with_no_build_for_this_torch(fake_gpu):
+    calls = fake_gpu((8, 6), published=False)
+    assert A.load_fa3() is None
+    assert [c[0] for c in calls] == ["has_kernel"]
+    assert A.fa3_status() == "kernels-community/flash-attn3 has no build for this torch and SM86"
+
+
+def test_fa3_load_error_becomes_a_status(fake_gpu):
+    fake_gpu((9, 0), error=RuntimeError("no build for torch213-cxx11-cu130"))
+    assert A.load_fa3() is None
+    status = A.fa3_status()
+    assert "varunneal/flash-attention-3" in status and "kernels 0.17.2" in status
+    assert "RuntimeError: no build for torch213-cxx11-cu130" in status
+    A.force_backend("fa3")
+    q, k, v = make_qkv(1, 16, 2, 2, 16, torch.bfloat16)
+    with pytest.raises(PicochatError, match="RuntimeError: no build"):
+        A.attention(q, k, v, -1)
+
+
+def test_fa3_with_kernels_before_trust_remote_code(fake_gpu):
+    """kernels 0.12 has no trust_remote_code: passing it would be a TypeError."""
+    calls = fake_gpu((8, 0), old_api=True)
+    assert A.load_fa3() is not None, A.fa3_status()
+    assert [c[2] for c in calls] == [dict(revision="main", trust_remote_code=False)] * 2
+
+
+def test_fa3_without_the_kernels_package(fake_gpu, monkeypatch):
+    fake_gpu((9, 0))
+    monkeypatch.setitem(sys.modules, "kernels", None)  # makes `import kernels` raise ImportError
+    assert A.load_fa3() is None
+    assert A.fa3_status().startswith("FA3 needs the kernels package, pip install 'picochat[gpu]'")
+
+
+def test_fa3_without_cuda(fake_gpu, monkeypatch):
+    calls = fake_gpu((9, 0))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert A.load_fa3() is None and calls == []
+    assert A.fa3_status() == "no CUDA"
+
+
+@pytest.mark.parametrize("returns_lse", [False, True])
+def test_fa3_attention_windows_and_output(fake_gpu, returns_lse):
+    """FA3's window_size=(left, right): (-1, 0) is all of the causal prefix, (w, 0) the last w
+    keys and the query itself. Builds that also return the log-sum-exp get unwrapped."""
+    calls = fake_gpu((9, 0), returns_lse=returns_lse)
+    q, k, v = make_qkv(1, 64, 2, 2, 16, torch.bfloat16)
+    for window, expected in [(-1, (-1, 0)), (63, (-1, 0)), (1000, (-1, 0)), (10, (10, 0)), (0, (0, 0))]:
+        y = A.fa3_attention(q, k, v, window)
+        assert isinstance(y, torch.Tensor) and torch.equal(y, q)
+        assert calls[-1] == ("flash_attn_func", True, expected)

@@ -346,6 +346,32 @@ def test_compiled_forward_matches_eager():
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
 
 
+def test_compiled_model_with_windows_is_one_graph():
+    """build_model pins the training length's window masks, so the compiled forward is one graph
+    (building a mask mid-trace would split it at every windowed layer), and evaluating at many
+    other lengths, which churns the mask cache, does not make it recompile."""
+    from torch._dynamo.utils import counters
+
+    from picochat import attention as A
+
+    config = GPTConfig(sequence_len=256, vocab_size=300, n_layer=4, n_head=2, n_kv_head=1, n_embd=64,
+                       window_pattern="SL")
+    model = perturbed(tiny(config))
+    assert model.window_sizes == [128, 256, 128, 256]  # the short window cuts context at T=256
+    compiled = torch.compile(model, dynamic=False)
+    idx = torch.randint(0, 300, (2, 256))
+    counters.clear()
+    with torch.no_grad():
+        first = compiled(idx)
+        for T in range(100, 100 + A.MAX_CACHED_MASKS + 4):
+            model(idx[:, :T])  # eager, as evaluation runs: new masks, old ones evicted
+        again = compiled(idx)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 1
+    torch.testing.assert_close(again, first)
+    torch.testing.assert_close(first, model(idx), atol=1e-5, rtol=1e-5)
+
+
 def test_packed_forward_equals_separate_sequences():
     """Three sequences sharing a 50-token prefix, packed into one row: each packed token's logits
     equal the same token's logits when its sequence runs alone (RoPE positions, windows, smear's

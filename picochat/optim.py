@@ -73,10 +73,10 @@ def _frobenius(x):
     return torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True)
 
 
-def polar_express(x, ns_steps: int, norm_factor: float = 1.01):
+def polar_express(x, ns_steps: int, norm_factor=1.01):
     """Approximately orthogonalize every matrix of the stack x: same singular vectors,
     singular values pushed into a band around 1. Runs in x's dtype. norm_factor > 1 keeps
-    the largest singular value safely below 1 after the normalization."""
+    the largest singular value safely below 1 after the normalization (a float or a 0-d tensor)."""
     m, n = x.shape[-2:]
     x = x / (norm_factor * _frobenius(x) + 1e-6)  # all singular values now below 1
     for a, b, c in POLAR_EXPRESS_COEFFS[:ns_steps]:
@@ -91,21 +91,23 @@ def polar_express(x, ns_steps: int, norm_factor: float = 1.01):
 
 
 @_compiled
-def muon_update(p, grad, momentum_buf, second_moment, momentum_t, lr_t, wd_t, beta2_t,
-                ns_steps: int, muon_dtype: torch.dtype, norm_factor: float, muon_eq: bool, muon_plus: bool):
+def muon_update(p, grad, momentum_buf, second_moment, momentum_t, lr_t, wd_t, beta2_t, norm_t, eq_t, plus_t,
+                ns_steps: int, muon_dtype: torch.dtype):
     """One Muon step on a (K, m, n) stack of same-shape matrices, p updated in place.
-    norm_factor, muon_eq and muon_plus are the optimizer's fixed Muon variant (each setting of the
-    two switches compiles a graph of its own)."""
+    The Muon variant arrives as 0-d tensors like the other hyperparameters, so every recipe
+    shares one graph per shape: norm_t is the Polar Express normalization factor, eq_t and
+    plus_t are 1.0 or 0.0 to switch MuonEq and Muon+ on or off (s * f + (1 - s) is exactly f
+    or exactly 1)."""
     m, n = p.shape[-2:]
     # Nesterov momentum
     momentum_buf.lerp_(grad, 1 - momentum_t)
     x = grad.lerp(momentum_buf, momentum_t).to(muon_dtype)
-    if muon_eq:  # give every row the same norm, keeping the Frobenius norm
-        row_norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-        x = x * (_frobenius(x) / math.sqrt(m) / row_norm.clamp_min(1e-6))
-    x = polar_express(x, ns_steps, norm_factor).to(p.dtype)
-    if muon_plus:  # rescale to the Frobenius norm of an exactly semi-orthogonal matrix
-        x = x * (math.sqrt(min(m, n)) / _frobenius(x).clamp_min(1e-10))
+    # MuonEq: give every row the same norm, keeping the Frobenius norm
+    row_norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    x = x * (eq_t * (_frobenius(x) / math.sqrt(m) / row_norm.clamp_min(1e-6)) + (1 - eq_t))
+    x = polar_express(x, ns_steps, norm_t).to(p.dtype)
+    # Muon+: rescale to the Frobenius norm of an exactly semi-orthogonal matrix
+    x = x * (plus_t * (math.sqrt(min(m, n)) / _frobenius(x).clamp_min(1e-10)) + (1 - plus_t))
     # NorMuon: divide each row (or column, for wide matrices) by its running RMS, then
     # restore the Frobenius norm, so only the relative scale between rows changes
     reduce_dim = -1 if m >= n else -2
@@ -162,9 +164,10 @@ class MuonAdamW(torch.optim.Optimizer):
         self.polar_express_norm = float(polar_express_norm)
         self.muon_eq, self.muon_plus = bool(muon_eq), bool(muon_plus)
         # the 0-d CPU tensors through which hyperparameters reach the compiled kernels
-        scalar = lambda: torch.tensor(0.0, dtype=torch.float32)
+        scalar = lambda value=0.0: torch.tensor(float(value), dtype=torch.float32)
         self._step_t, self._lr_t, self._beta1_t, self._beta2_t = scalar(), scalar(), scalar(), scalar()
         self._eps_t, self._wd_t, self._momentum_t = scalar(), scalar(), scalar()
+        self._norm_t, self._eq_t, self._plus_t = scalar(polar_express_norm), scalar(muon_eq), scalar(muon_plus)
 
     @torch.no_grad()
     def step(self):
@@ -273,8 +276,7 @@ class MuonAdamW(torch.optim.Optimizer):
             self._beta2_t.fill_(group["beta2"])
             muon_update(owned[: hi - lo], grad_chunk[: hi - lo], state["momentum_buffer"],
                         state["second_momentum_buffer"], self._momentum_t, self._lr_t, self._wd_t, self._beta2_t,
-                        group["ns_steps"], self.muon_dtype, self.polar_express_norm, self.muon_eq,
-                        self.muon_plus)
+                        self._norm_t, self._eq_t, self._plus_t, group["ns_steps"], self.muon_dtype)
         if world == 1:
             torch._foreach_copy_(params, list(owned.unbind(0)))
             return []

@@ -422,3 +422,312 @@ def test_errors(home, pretrain_dir, monkeypatch, capsys):
     (home / "tokenizer" / "tokenizer.pkl").unlink()
     with pytest.raises(PicochatError, match="run `picochat tok-train` first"):
         run(config(pretrain_dir, "e"))
+
+
+# ---------------------------------------------------------------------------
+# The GPU's paths on CPU: fp16 with loss scaling, bf16 with a sliding window, two processes,
+# and the out-of-memory message
+
+
+def test_fp16_grad_scaler_skips_an_overflow_and_resumes_exactly(home, pretrain_dir, monkeypatch):
+    # PICOCHAT_DTYPE=float16 gives the run a GradScaler. One micro-batch's gradient is made
+    # infinite (a hook on its loss, step 1): the scaler must skip that optimizer step and halve
+    # its scale, and checkpoint the result; a resume from step 4 must then carry on exactly.
+    monkeypatch.setenv("PICOCHAT_DTYPE", "float16")
+    poison = {"call": 2, "calls": 0}  # training forwards 2 and 3 are step 1 (2 accumulation steps)
+    forward = GPT.forward
+
+    def poisoned_forward(self, idx, targets=None, *args, **kwargs):
+        loss = forward(self, idx, targets, *args, **kwargs)
+        if targets is not None and torch.is_grad_enabled():
+            if poison["calls"] == poison["call"]:
+                loss.register_hook(lambda grad: grad * math.inf)
+            poison["calls"] += 1
+        return loss
+
+    monkeypatch.setattr(GPT, "forward", poisoned_forward)
+    small = dict(num_iterations=8, warmup_steps=2, eval_every=8, save_every=4)
+    run(config(pretrain_dir, "fp16", **small))
+    assert poison["calls"] == 16
+    ckpt_dir = home / "base_checkpoints" / "fp16"
+    full = metrics(home, "fp16")
+    train = [r for r in full if "loss" in r]
+    assert [r["step"] for r in train] == list(range(8)) and all(math.isfinite(r["loss"]) for r in train)
+    assert [r["step"] for r in full if "val_bpb" in r] == [0, 8] and all(
+        math.isfinite(r["val_bpb"]) for r in full if "val_bpb" in r)
+    assert ckpt.load_meta(ckpt_dir, 8)["compute_dtype"] == "torch.float16"
+
+    def shard(step):
+        return torch.load(ckpt.optim_path(ckpt_dir, step, 0), weights_only=False)
+
+    # the scaler's state is checkpointed: halved once by the overflow (default scale 2^16,
+    # growth only after 2000 clean steps), and the clean steps since then counted
+    assert shard(4)["scaler"]["scale"] == 2.0**15 and shard(4)["scaler"]["_growth_tracker"] == 2
+    assert shard(8)["scaler"]["scale"] == 2.0**15 and shard(8)["scaler"]["_growth_tracker"] == 6
+    # the skipped step did not reach the optimizer: AdamW counted 3 updates by step 4, 7 by step 8
+    assert shard(4)["optimizer"]["state"][0]["step"] == 3 and shard(8)["optimizer"]["state"][0]["step"] == 7
+    final = {k: v.clone() for k, v in torch.load(ckpt.model_path(ckpt_dir, 8)).items()}
+
+    # resume from step 4 (no more poison): bit-identical losses, val bpb, weights and scaler state.
+    # Bit-exact in fp16 too (deterministic CPU kernels), but only with the scale restored: the
+    # fp16 activation gradients depend on it (tiny ones round differently near fp16's subnormal
+    # range), so resuming at the default 2^16 instead of 2^15 changes the loss from step 5 on
+    poison["call"] = None
+    run(config(pretrain_dir, "fp16", resume_from_step=4, **small))
+    assert deterministic(metrics(home, "fp16")) == deterministic(full)
+    assert shard(8)["scaler"] == {"scale": 2.0**15, "growth_factor": 2.0, "backoff_factor": 0.5,
+                                  "growth_interval": 2000, "_growth_tracker": 6}
+    assert shard(8)["optimizer"]["state"][0]["step"] == 7
+    resumed = torch.load(ckpt.model_path(ckpt_dir, 8))
+    assert resumed.keys() == final.keys() and all(torch.equal(resumed[k], final[k]) for k in final)
+
+
+def test_bf16_sliding_window_run_learns(home, pretrain_dir, monkeypatch, capsys):
+    # bf16 compute: bf16 embeddings, Polar Express in bf16, and at T=256 the short window of "SL"
+    # (ceil(256 / 4 / 128) * 128 = 128 tokens) cuts the context, so layer 0 runs SDPA with a dense
+    # mask. Narrow (width 64, two heads of 32) because bf16 matmuls are slow on most CPUs.
+    monkeypatch.setenv("PICOCHAT_DTYPE", "bfloat16")
+    optimizers = []
+    setup_optimizer = GPT.setup_optimizer
+
+    def spy(self, *args, **kwargs):
+        optimizers.append(setup_optimizer(self, *args, **kwargs))
+        return optimizers[-1]
+
+    monkeypatch.setattr(GPT, "setup_optimizer", spy)
+    n = 20
+    run(config(pretrain_dir, "bf16", depth=2, aspect_ratio=32, head_dim=32, max_seq_len=256, window_pattern="SL",
+               device_batch_size=1, total_batch_size=256, num_iterations=n, eval_every=-1, save_every=-1))
+    out = capsys.readouterr().out
+    assert "compute dtype: torch.bfloat16" in out
+    assert "attention at T=256, window 128 (layers 0): sdpa with a dense T x T mask (SLOW)" in out
+    assert "attention at T=256, full context (layers 1): sdpa (causal)" in out
+    (optimizer,) = optimizers
+    assert optimizer.muon_dtype == torch.bfloat16
+    state = torch.load(ckpt.model_path(home / "base_checkpoints" / "bf16", n))
+    assert state["transformer.wte.weight"].dtype == torch.bfloat16  # bf16 embeddings
+    assert state["lm_head.weight"].dtype == torch.float32  # fp32 master weights elsewhere
+    train = [r["loss"] for r in metrics(home, "bf16")]
+    assert len(train) == n and all(math.isfinite(x) for x in train)
+    first, last = sum(train[:5]) / 5, sum(train[-5:]) / 5
+    assert first == pytest.approx(math.log(1024), abs=0.1) and last < first - 0.5  # measured: 6.90 -> 5.96
+
+
+def write_multi_row_group_data(src, dst, train_group=100, val_group=16):
+    """The shared shards rewritten with small row groups, so that every one of 2 ranks gets
+    data (rank r reads row groups r, r+2, ...; the shared val shard has a single row group)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    dst.mkdir()
+    for name, group in [("shard_00000.parquet", train_group), ("shard_00001.parquet", val_group)]:
+        texts = pq.read_table(src / name, columns=["text"]).column("text").to_pylist()
+        pq.write_table(pa.table({"text": pa.array(texts, type=pa.string())}), dst / name, row_group_size=group)
+        assert pq.ParquetFile(dst / name).num_row_groups >= 4
+    return dst
+
+
+def _train_rank(rank, world, ports, out_dir, kwargs, resume_step, fp16_kwargs, unsynced_found_inf=False):
+    """One of the 2 processes: an uninterrupted run, a resume of it from resume_step, then a short
+    fp16 run in which only rank 1's gradients overflow (at step 1)."""
+    torch.set_num_threads(1)
+    # Compile in this thread: a compile thread pool the parent started before the fork has no
+    # threads here (torch resets its compile process pool after a fork, not its thread pool), so
+    # a kernel the inductor cache lacks would wait on it forever
+    from torch._inductor import config as inductor_config
+
+    inductor_config.compile_threads = 1
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1")
+    # the patches below live in this forked process only
+    models = []
+    build_model = base_train.build_model
+    base_train.build_model = lambda *args, **kw: models.append(build_model(*args, **kw)) or models[-1]
+    weights = []
+    for port, extra in zip(ports, [{}, {"resume_from_step": resume_step}]):
+        os.environ["MASTER_PORT"] = str(port)
+        run(TrainConfig(**(kwargs | extra)))
+        weights.append([p.detach().clone() for p in models[-1].parameters()])
+        if rank == 0 and not extra:
+            metrics_file = ckpt.checkpoint_dir("base", kwargs["model_tag"]) / "metrics.jsonl"
+            (out_dir / "metrics_uninterrupted.jsonl").write_text(metrics_file.read_text())
+
+    forward, calls = GPT.forward, []
+
+    def forward_overflowing_on_rank_1(self, idx, targets=None, *args, **kw):
+        loss = forward(self, idx, targets, *args, **kw)
+        if targets is not None and torch.is_grad_enabled():
+            if rank == 1 and len(calls) == 1:  # step 1 (1 accumulation step)
+                loss.register_hook(lambda grad: grad * math.inf)
+            calls.append(1)
+        return loss
+
+    GPT.forward = forward_overflowing_on_rank_1
+    if unsynced_found_inf:  # what base_train would do without its all-reduce of found_inf
+        torch.amp.GradScaler._found_inf_per_device = lambda self, optimizer: {}
+    os.environ.update(MASTER_PORT=str(ports[2]), PICOCHAT_DTYPE="float16")
+    run(TrainConfig(**fp16_kwargs))
+    weights.append([p.detach().clone() for p in models[-1].parameters()])
+    torch.save(weights, out_dir / f"rank{rank}.pt")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_two_processes(out_dir, *args, timeout=300):
+    """_train_rank on 2 forked processes; fails (rather than hangs) when they do not finish in time,
+    e.g. because one rank entered a collective the other skipped."""
+    import torch.multiprocessing as mp
+
+    # fork, as in test_optim: the workers inherit the imports and the kernels compiled so far
+    context = mp.start_processes(_train_rank, args=(2, (free_port(), free_port(), free_port()), out_dir, *args),
+                                 nprocs=2, start_method="fork", join=False)
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the 2 training processes did not finish within {timeout} s")
+
+
+def test_two_processes_train_resume_and_skip_overflows_together(home, pretrain_dir, tmp_path):
+    data = write_multi_row_group_data(pretrain_dir, tmp_path / "data")
+    n, k = 8, 4
+    # 2 rows x 64 tokens x 2 processes = the 256-token batch: 1 accumulation step per process
+    kwargs = dataclasses.asdict(config(data, "ddp", num_iterations=n, warmup_steps=2, eval_every=k, save_every=k))
+    fp16_kwargs = kwargs | dict(model_tag="ddp16", num_iterations=4, eval_every=-1, save_every=-1)
+    train_two_processes(tmp_path, kwargs, k, fp16_kwargs)
+    (full0, resumed0, fp16_0), (full1, resumed1, fp16_1) = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    # the ranks agree on every weight, and the resumed run ends on exactly the same weights
+    n_params = len(list(GPT(config_from_depth(2, 1024, 64, head_dim=64, window_pattern="L")).parameters()))
+    assert len(full0) == len(full1) == len(resumed0) == len(resumed1) == n_params
+    for a, b, c, d in zip(full0, full1, resumed0, resumed1):
+        assert torch.equal(a, b) and torch.equal(a, c) and torch.equal(a, d)
+    ckpt_dir = home / "base_checkpoints" / "ddp"
+    full = [json.loads(line) for line in (tmp_path / "metrics_uninterrupted.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in full if "loss" in r] == list(range(n))
+    assert all(math.isfinite(r["loss"]) for r in full if "loss" in r)
+    assert [r["step"] for r in full if "val_bpb" in r] == [0, 4, 8]
+    assert full[-1]["val_bpb"] < full[0]["val_bpb"]
+    assert deterministic(metrics(home, "ddp")) == deterministic(full)  # the resume: bit for bit
+
+    assert ckpt.complete_steps(ckpt_dir) == [k, n] and ckpt.load_meta(ckpt_dir, n)["world_size"] == 2
+    shards = [torch.load(ckpt.optim_path(ckpt_dir, n, r), weights_only=False) for r in range(2)]
+    assert not ckpt.optim_path(ckpt_dir, n, 2).exists()
+    # ZeRO-2: each rank holds its own half of lm_head's AdamW moments (state 0: the first group)
+    lm_head = torch.load(ckpt.model_path(ckpt_dir, n))["lm_head.weight"]
+    moments = [s["optimizer"]["state"][0]["exp_avg"] for s in shards]
+    assert all(m.shape == (lm_head.shape[0] // 2, lm_head.shape[1]) for m in moments)
+    assert not torch.equal(moments[0], moments[1])
+    # and its own place in the data: rank r reads row groups r, r+2, ...
+    assert shards[0]["loader"] != shards[1]["loader"]
+    assert not torch.equal(shards[0]["batch"][0], shards[1]["batch"][0])
+
+    # fp16: rank 1's overflow at step 1 makes both ranks skip that step (found_inf is all-reduced;
+    # without that, rank 0 alone would enter the optimizer's collectives and wait forever)
+    assert len(fp16_0) == len(fp16_1) == n_params and all(torch.equal(a, b) for a, b in zip(fp16_0, fp16_1))
+    assert all(math.isfinite(r["loss"]) for r in metrics(home, "ddp16")) and len(metrics(home, "ddp16")) == 4
+    for r in range(2):
+        shard = torch.load(ckpt.optim_path(home / "base_checkpoints" / "ddp16", 4, r), weights_only=False)
+        assert shard["scaler"]["scale"] == 2.0**15 and shard["scaler"]["_growth_tracker"] == 2
+        assert shard["optimizer"]["state"][0]["step"] == 3  # 4 steps, 1 skipped
+
+
+@pytest.mark.parametrize("batch_size, advice", [
+    (2, r"try a smaller --device-batch-size \(e\.g\. 1\)$"),
+    (1, "it does not fit even at 1: use a smaller --depth or shorter sequences$"),
+])
+def test_out_of_memory_in_a_training_step(home, pretrain_dir, monkeypatch, capsys, batch_size, advice):
+    forward = GPT.forward
+
+    def forward_out_of_memory(self, idx, targets=None, *args, **kwargs):
+        if torch.is_grad_enabled():  # training; validation runs without gradients
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return forward(self, idx, targets, *args, **kwargs)
+
+    monkeypatch.setattr(GPT, "forward", forward_out_of_memory)
+    c = config(pretrain_dir, "oom", device_batch_size=batch_size, num_iterations=2, eval_every=1, save_every=-1)
+    with pytest.raises(PicochatError, match=f"^out of memory in a training step .* at --device-batch-size "
+                                            f"{batch_size}: " + advice) as error:
+        run(c)
+    assert "\n" not in str(error.value)
+    assert [r["step"] for r in metrics(home, "oom")] == [0]  # the validation at step 0 ran; no step did
+    assert gc.isenabled()
+    # on the command line: one line, no traceback
+    capsys.readouterr()
+    args = ["--depth", "2", "--max-seq-len", "64", "--head-dim", "64", "--window-pattern", "L",
+            "--device-batch-size", str(batch_size), "--total-batch-size", "256", "--num-iterations", "2",
+            "--eval-every", "-1", "--core-metric-every", "-1", "--sample-every", "-1", "--dataset", str(pretrain_dir),
+            "--model-tag", "oom", "--compile", "off"]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(main, args)
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: out of memory in a training step") and "Traceback" not in err
+
+
+def test_out_of_memory_in_validation(home, pretrain_dir, monkeypatch):
+    def forward_out_of_memory(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(GPT, "forward", forward_out_of_memory)
+    with pytest.raises(PicochatError, match=r"^out of memory in validation at --device-batch-size 2: try a smaller "
+                                            r"--device-batch-size \(e\.g\. 1\)$"):
+        run(config(pretrain_dir, "oom", num_iterations=2, eval_every=1))
+
+
+# ---------------------------------------------------------------------------
+# Resume guards: the compute dtype, and ranks that cannot see rank 0's checkpoint
+
+
+def test_resume_refuses_another_dtype(home, pretrain_dir, monkeypatch):
+    run(config(pretrain_dir, "dt", num_iterations=3, eval_every=-1, save_every=2))
+    meta = json.loads((home / "base_checkpoints" / "dt" / "meta_000003.json").read_text())
+    assert meta["compute_dtype"] == "torch.float32"
+    monkeypatch.setenv("PICOCHAT_DTYPE", "bfloat16")
+    with pytest.raises(PicochatError, match=r"trained in torch\.float32, this run computes in torch\.bfloat16: "
+                                            r"resume with the same dtype \(PICOCHAT_DTYPE=float32\)"):
+        run(config(pretrain_dir, "dt", num_iterations=3, eval_every=-1, save_every=2, resume=True))
+
+
+def _resume_step_rank(rank, port, folders, cases, results):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        for resume_from_step in cases:
+            c = TrainConfig(resume=True, resume_from_step=resume_from_step)
+            try:
+                results[rank, resume_from_step] = base_train.find_resume_step(c, folders[rank], rank, ddp=True)
+            except PicochatError as e:
+                results[rank, resume_from_step] = str(e)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_rank_resumes_from_rank_0s_choice(tmp_path):
+    """Two "nodes" without a shared file system: rank 0 sees steps 5 and 10, rank 1 only 5 (a
+    stale copy). Rank 0 picks the step; a rank that lacks it stops instead of training out of
+    step, and an error on rank 0 reaches every rank."""
+    import torch.multiprocessing as mp
+
+    folders = [tmp_path / "node0", tmp_path / "node1"]
+    for folder, steps in zip(folders, ([5, 10], [5])):
+        for step in steps:
+            ckpt.save_checkpoint(folder, step, {"w": torch.zeros(1)}, {}, {"step": step}, rank=0)
+    expected = {-1: [10, "rank 1 cannot see the checkpoint at step 10"],  # --resume: rank 0's latest
+                5: [5, 5],  # --resume-from-step 5: both have it
+                7: ["no complete checkpoint at step 7"] * 2}
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.start_processes(_resume_step_rank, args=(free_port(), folders, list(expected), results), nprocs=2,
+                           start_method="fork")
+        got = dict(results)
+    for case, wants in expected.items():
+        for rank, want in enumerate(wants):
+            value = got[rank, case]
+            assert value == want if isinstance(want, int) else want in value, (case, rank, value)

@@ -43,7 +43,7 @@ def toy_loss(params, idx, target):
     return (y - target).square().mean()
 
 
-def toy_optimizer(params, muon_lr=0.02):
+def toy_optimizer(params, muon_lr=0.02, **options):
     emb, bias, wa, wb, wc, tall = params
     # AdamW's eps is large enough to matter, so a gradient summed over ranks but not divided
     # by the world size changes the result (Muon and small-eps AdamW are scale invariant)
@@ -52,7 +52,7 @@ def toy_optimizer(params, muon_lr=0.02):
         dict(kind="adamw", params=[emb, bias], lr=0.01, betas=(0.8, 0.95), eps=1e-3, weight_decay=0.01),
         dict(muon, params=[wa, wb, wc]),
         dict(muon, params=[tall]),
-    ])
+    ], **options)
 
 
 def train(params, opt, batch, steps):
@@ -353,6 +353,10 @@ def test_hyperparameter_changes_do_not_recompile():
     before = [p.detach().clone() for p in params]
     train(params, opt, batch, 1)
     assert all(torch.equal(a, b) for a, b in zip(before, params))
+    assert counters["stats"]["unique_graphs"] == graphs
+    # nor does another recipe's Muon variant (jan29's: Polar Express factor 1.02, no MuonEq, no Muon+)
+    other = toy_optimizer(params, polar_express_norm=1.02, muon_eq=False, muon_plus=False)
+    train(params, other, batch, 2)
     assert counters["stats"]["unique_graphs"] == graphs
 
 

@@ -591,8 +591,8 @@ def train(c: TrainConfig, rt, stop) -> dict:
 
             synchronize(device)
             t0 = time.perf_counter()
-            with out_of_memory_hint("--device-batch-size", c.device_batch_size,
-                                    "in a training step (gradient accumulation keeps the total batch)"):
+            with out_of_memory_hint("--device-batch-size", c.device_batch_size, "in a training step",
+                                    "gradient accumulation keeps the total batch"):
                 loss_sum = 0.0
                 for _ in range(accum):
                     loss = model(x, y)

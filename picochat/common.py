@@ -204,14 +204,15 @@ def device_name(device: torch.device) -> str:
 
 
 @contextlib.contextmanager
-def out_of_memory_hint(flag: str, value: int, what: str):
+def out_of_memory_hint(flag: str, value: int, what: str, note: str = ""):
     """Turn an out-of-memory error inside the block into one line that names the flag to lower
-    (a CUDA OOM traceback names none). what: the work that ran out, e.g. "in a training step"."""
+    (a CUDA OOM traceback names none). what: the work that ran out, e.g. "in a training step";
+    note: why lowering the flag is safe, if it needs saying."""
     try:
         yield
     except torch.OutOfMemoryError:
         if value > 1:
-            advice = f"try a smaller {flag} (e.g. {value // 2})"
+            advice = f"try a smaller {flag} (e.g. {value // 2}{'; ' + note if note else ''})"
         else:
             advice = "it does not fit even at 1: use a smaller --depth or shorter sequences"
         raise PicochatError(f"out of memory {what} at {flag} {value}: {advice}") from None

@@ -488,6 +488,9 @@ def train(c: TrainConfig, rt, stop) -> dict:
     plan = plan_training(c, scaling_params(orig_model), reference_scaling_params(c, vocab_size), flops_per_token)
     accum = grad_accum_steps(plan.total_batch_size, c.device_batch_size, c.max_seq_len, world)
     n, batch = plan.num_iterations, plan.total_batch_size
+    if resume_step is not None and meta["total_batch_size"] != batch:
+        raise PicochatError(f"{where} was trained with a total batch of {meta['total_batch_size']:,} tokens, this "
+                            f"run would use {batch:,}: resume with --total-batch-size {meta['total_batch_size']}")
     print0(f"FLOPs per token: {flops_per_token:.4e} | scaling params: {plan.scaling_params:,} | "
            f"target tokens: {plan.target_tokens:,}")
     print0(f"total batch: {batch:,} tokens = {c.device_batch_size} x {c.max_seq_len} x {world} process(es) x "

@@ -316,7 +316,7 @@ def score_batch(model, examples: list[Example], pad_id: int, device, packed: boo
                 seqs.append(row)
     ids = padded(seqs, pad_id)
     packing = None
-    if packed:  # padding sits at position 0 of a segment of its own (-1): it sees only BOS and itself
+    if packed:  # padding: position 0 of a segment of its own (-1), so it sees at least itself (no NaN); never read
         positions, segments, prev = (padded(x, fill).to(device) for x, fill in zip(zip(*layouts), (0, -1, 0)))
         packing = Packing(positions, segments, prev)
     spans = [(s, e) for ex in examples for s, e in zip(ex.starts, ex.ends)]

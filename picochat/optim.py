@@ -78,7 +78,9 @@ def polar_express(x, ns_steps: int, norm_factor=1.01):
     singular values pushed into a band around 1. Runs in x's dtype. norm_factor > 1 keeps
     the largest singular value safely below 1 after the normalization (a float or a 0-d tensor)."""
     m, n = x.shape[-2:]
-    x = x / (norm_factor * _frobenius(x) + 1e-6)  # all singular values now below 1
+    # all singular values now below 1; the factor is applied in fp32 (as a Python float would
+    # be), not rounded to bf16 first as a 0-d tensor would be
+    x = x / ((norm_factor * _frobenius(x).float()).to(x.dtype) + 1e-6)
     for a, b, c in POLAR_EXPRESS_COEFFS[:ns_steps]:
         # iterate on the smaller Gram matrix: XXᵀ for wide, XᵀX for tall
         if m <= n:

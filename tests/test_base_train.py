@@ -684,7 +684,7 @@ def test_out_of_memory_in_validation(home, pretrain_dir, monkeypatch):
 # Resume guards: the compute dtype, and ranks that cannot see rank 0's checkpoint
 
 
-def test_resume_refuses_another_dtype(home, pretrain_dir, monkeypatch):
+def test_resume_refuses_another_dtype_or_batch(home, pretrain_dir, monkeypatch):
     run(config(pretrain_dir, "dt", num_iterations=3, eval_every=-1, save_every=2))
     meta = json.loads((home / "base_checkpoints" / "dt" / "meta_000003.json").read_text())
     assert meta["compute_dtype"] == "torch.float32"
@@ -692,6 +692,11 @@ def test_resume_refuses_another_dtype(home, pretrain_dir, monkeypatch):
     with pytest.raises(PicochatError, match=r"trained in torch\.float32, this run computes in torch\.bfloat16: "
                                             r"resume with the same dtype \(PICOCHAT_DTYPE=float32\)"):
         run(config(pretrain_dir, "dt", num_iterations=3, eval_every=-1, save_every=2, resume=True))
+    monkeypatch.delenv("PICOCHAT_DTYPE")
+    with pytest.raises(PicochatError, match=r"total batch of 256 tokens, this run would use 512: resume with "
+                                            r"--total-batch-size 256"):
+        run(config(pretrain_dir, "dt", num_iterations=3, eval_every=-1, save_every=2, resume=True,
+                   total_batch_size=512))
 
 
 def _resume_step_rank(rank, port, folders, cases, results):

@@ -151,6 +151,11 @@ def test_polar_express_bf16_band():
     x = torch.randn(4, 32, 96, generator=torch.Generator().manual_seed(0))
     s = torch.linalg.svdvals(polar_express(x.bfloat16(), 5).float())
     assert s.min() > 0.84 and s.max() < 1.16  # measured 0.849 .. 1.145
+    # the optimizer passes the normalization factor as a 0-d fp32 tensor: in bf16 it must act
+    # like the Python float (bf16 would round 1.01 to 1.0078), not be rounded first
+    x = x.bfloat16()
+    for factor in (1.01, 1.02):
+        assert torch.equal(polar_express(x, 5, torch.tensor(factor)), polar_express(x, 5, factor))
 
 
 def test_fp16_muon_dtype_maps_to_fp32():

@@ -15,7 +15,7 @@ import time
 import torch
 
 from picochat import cli
-from picochat.common import PicochatError, compute_init, device_name, get_peak_flops, synchronize
+from picochat.common import compute_init, device_name, get_peak_flops, out_of_memory_hint, synchronize
 from picochat.gpt import build_model, config_from_depth
 
 
@@ -57,7 +57,7 @@ def main(argv=None):
         model.zero_grad(set_to_none=True)
         return loss.item()
 
-    try:
+    with out_of_memory_hint("--device-batch-size", B, f"at depth {args.depth}, T={T}"):
         for _ in range(args.warmup):
             train_step()
         synchronize(device)
@@ -65,8 +65,6 @@ def main(argv=None):
         for _ in range(args.steps):
             train_step()
         synchronize(device)
-    except torch.OutOfMemoryError:
-        raise PicochatError(f"out of memory at depth {args.depth}, device batch {B} x {T}") from None
     dt = (time.perf_counter() - t0) / args.steps
 
     flops_per_token = orig_model.estimate_flops()

@@ -699,25 +699,19 @@ def main(argv=None):
 
     g = p.add_argument_group("optimization")
     g.add_argument("--device-batch-size", type=int, default=d.device_batch_size, help="rows per forward pass")
-    g.add_argument("--total-batch-size", type=int, default=None,
-                   help="tokens per optimizer step, -1 = derive from the model size"
-                   + preset_default("total_batch_size"))
-    g.add_argument("--embedding-lr", type=float, default=None,
-                   help="AdamW lr of the embeddings" + preset_default("embedding_lr"))
-    g.add_argument("--unembedding-lr", type=float, default=None,
-                   help="AdamW lr of lm_head" + preset_default("unembedding_lr"))
-    g.add_argument("--weight-decay", type=float, default=None,
-                   help="Muon weight decay, before its scaling with depth" + preset_default("weight_decay"))
-    g.add_argument("--matrix-lr", type=float, default=None,
-                   help="Muon lr of the block matrices" + preset_default("matrix_lr"))
-    g.add_argument("--scalar-lr", type=float, default=None,
-                   help="AdamW lr of the per-layer scalars" + preset_default("scalar_lr"))
-    g.add_argument("--warmup-steps", type=int, default=None,
-                   help="steps of linear lr warmup" + preset_default("warmup_steps"))
-    g.add_argument("--warmdown-ratio", type=float, default=None,
-                   help="fraction of the steps over which the lr decays at the end" + preset_default("warmdown_ratio"))
-    g.add_argument("--final-lr-frac", type=float, default=None,
-                   help="lr multiplier at the last step" + preset_default("final_lr_frac"))
+    # flags whose default is the preset's (RECIPES[preset].train_defaults)
+    for name, kind, help_ in [
+        ("total_batch_size", int, "tokens per optimizer step, -1 = derive from the model size"),
+        ("embedding_lr", float, "AdamW lr of the embeddings"),
+        ("unembedding_lr", float, "AdamW lr of lm_head"),
+        ("weight_decay", float, "Muon weight decay, before its scaling with depth"),
+        ("matrix_lr", float, "Muon lr of the block matrices"),
+        ("scalar_lr", float, "AdamW lr of the per-layer scalars"),
+        ("warmup_steps", int, "steps of linear lr warmup"),
+        ("warmdown_ratio", float, "fraction of the steps over which the lr decays at the end"),
+        ("final_lr_frac", float, "lr multiplier at the last step"),
+    ]:
+        g.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=help_ + preset_default(name))
     g = p.add_argument_group("resume")
     g.add_argument("--resume", action="store_true", help="continue from this tag's latest checkpoint (if any)")
     g.add_argument("--resume-from-step", type=int, default=d.resume_from_step,

@@ -61,13 +61,20 @@ def forced_backend():
 # FA3 from the kernel hub: loaded once, only on CUDA, and any failure just means "no FA3".
 
 
-def _hub_kwargs(fn) -> dict:
-    """Arguments for kernels.get_kernel / has_kernel that say which build to fetch and that we trust it.
-    kernels >= 0.15 raises without revision= or version=; "main" is what older releases fetched.
+# The hub commits we load FA3 from: a pinned commit keeps a run reproducible, and code pushed to
+# the repo later cannot run in ours. To move to a newer build, change the hash here.
+FA3_REVISIONS = {
+    "varunneal/flash-attention-3": "de87b9b5af06dd9984df595bef90b2eba44b181a",  # Hopper
+    "kernels-community/flash-attn3": "9542c462013476380ce4b395b9ddc0e8118161ee",  # Ampere/Ada
+}
+
+
+def _hub_kwargs(fn, repo: str) -> dict:
+    """Arguments for kernels.get_kernel / has_kernel: the pinned revision, and that we trust it.
     kernels >= 0.14 refuses repos of publishers the hub does not list as trusted (the Hopper build
     is in a personal repo) unless trust_remote_code=True; older releases, and has_kernel before
     0.17, do not take that argument."""
-    kwargs = {"revision": "main"}
+    kwargs = {"revision": FA3_REVISIONS[repo]}
     if "trust_remote_code" in inspect.signature(fn).parameters:
         kwargs["trust_remote_code"] = True
     return kwargs
@@ -99,11 +106,11 @@ def load_fa3():
         return None
     version = getattr(kernels, "__version__", "?")
     try:  # offline, no build for this torch, refused by kernels: all mean SDPA/Flex instead
-        if major == 8 and not kernels.has_kernel(repo, **_hub_kwargs(kernels.has_kernel)):
+        if major == 8 and not kernels.has_kernel(repo, **_hub_kwargs(kernels.has_kernel, repo)):
             _fa3_status = f"{repo} has no build for this torch and SM{major}{minor}"
             return None
-        _fa3 = kernels.get_kernel(repo, **_hub_kwargs(kernels.get_kernel)).flash_attn_interface
-        _fa3_status = f"FA3 from {repo} (kernels {version})"
+        _fa3 = kernels.get_kernel(repo, **_hub_kwargs(kernels.get_kernel, repo)).flash_attn_interface
+        _fa3_status = f"FA3 from {repo}@{FA3_REVISIONS[repo][:7]} (kernels {version})"
     except Exception as e:
         _fa3_status = f"FA3 from {repo} failed to load with kernels {version} ({type(e).__name__}: {e})"
     return _fa3

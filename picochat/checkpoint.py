@@ -29,7 +29,8 @@ from picochat.common import PicochatError, get_base_dir
 from picochat.gpt import GPTConfig, build_model
 from picochat.tokenizer import get_tokenizer
 
-STAGES = ("base", "sft", "rl")
+# which training stage wrote a checkpoint (the chat stages' -i/--source flag)
+SOURCES = ("base", "sft", "rl")
 
 MODEL_RE = re.compile(r"model_(\d+)\.pt")
 META_RE = re.compile(r"meta_(\d+)\.json")
@@ -42,8 +43,8 @@ DEPTH_TAG_RE = re.compile(r"d(\d+)")
 
 
 def checkpoints_root(stage: str) -> Path:
-    if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r} (one of {', '.join(STAGES)})")
+    if stage not in SOURCES:
+        raise ValueError(f"unknown stage {stage!r} (one of {', '.join(SOURCES)})")
     return get_base_dir() / f"{stage}_checkpoints"
 
 
@@ -207,6 +208,21 @@ def check_same_config(saved: dict, current: GPTConfig, what: str):
         raise PicochatError(f"{what} was trained with another model config ({'; '.join(diffs)})")
 
 
+def check_tokenizer(meta: dict, tokenizer, where: str):
+    """Refuse a checkpoint trained with another tokenizer: the same vocab size with other merges would
+    silently map every id to another string."""
+    if meta["model_config"]["vocab_size"] != tokenizer.get_vocab_size():
+        raise PicochatError(f"{where} was trained with a vocabulary of {meta['model_config']['vocab_size']} tokens, "
+                            f"but the tokenizer in $PICOCHAT_HOME has {tokenizer.get_vocab_size()}")
+    saved = meta.get("tokenizer")
+    if saved is None:
+        return  # saved before checkpoints recorded their tokenizer: only the size can be checked
+    if saved != tokenizer.fingerprint():
+        raise PicochatError(f"{where} was trained with another tokenizer than the one in $PICOCHAT_HOME (same "
+                            f"vocab size, other merges; fingerprint {saved[:12]} vs {tokenizer.fingerprint()[:12]}): "
+                            "use the tokenizer it was trained with")
+
+
 def load_state_into(model: torch.nn.Module, state: dict):
     """Load a saved state_dict into a built model. Keys lose torch.compile's prefix and every tensor
     takes the dtype the model keeps that entry in (e.g. bf16 embeddings become fp32 on CPU), so
@@ -231,9 +247,7 @@ def load_model(stage: str, device, compute_dtype, model_tag: str | None = None, 
     meta = load_meta(ckpt_dir, step)
     config = config_from_meta(meta)
     tokenizer = get_tokenizer()
-    if tokenizer.get_vocab_size() != config.vocab_size:
-        raise PicochatError(f"{ckpt_dir} was trained with a vocabulary of {config.vocab_size} tokens, but the "
-                            f"tokenizer in $PICOCHAT_HOME has {tokenizer.get_vocab_size()}")
+    check_tokenizer(meta, tokenizer, f"the checkpoint at step {step} in {ckpt_dir}")
     model = build_model(config, device, compute_dtype)
     load_state_into(model, load_model_state(ckpt_dir, step, device))
     model.eval()

@@ -1,24 +1,36 @@
 """`picochat <stage> [flags]`: one entry point for every stage.
 
-Each stage module has `main(argv)` that parses its flags into a config and
-calls `run(config)`. Works the same under `python -m picochat` and
-`torchrun ... -m picochat`.
+Each stage is a module in picochat/stages/ whose `main(argv)` parses its flags into a
+config dataclass and calls `run(config)`. Works the same under `python -m picochat`
+and `torchrun ... -m picochat`.
 """
 
+import argparse
 import importlib
 import sys
 
 from picochat.common import PicochatError
 
 STAGES = {
-    "download": ("picochat.dataset", "download pretraining shards (and the validation shard)"),
-    "tok-train": ("picochat.tok_train", "train the BPE tokenizer"),
-    "tok-eval": ("picochat.tok_eval", "compare the tokenizer's compression with GPT-2 and GPT-4"),
-    "base-train": ("picochat.base_train", "pretrain the base model"),
-    "base-eval": ("picochat.base_eval", "evaluate a base model: CORE, bits per byte, samples"),
+    "download": ("picochat.stages.download", "download pretraining shards (and the validation shard)"),
+    "tok-train": ("picochat.stages.tok_train", "train the BPE tokenizer"),
+    "tok-eval": ("picochat.stages.tok_eval", "compare the tokenizer's compression with GPT-2 and GPT-4"),
+    "base-train": ("picochat.stages.base_train", "pretrain the base model"),
+    "base-eval": ("picochat.stages.base_eval", "evaluate a base model: CORE, bits per byte, samples"),
 }
 # Named in the interface we promise; built by later work.
 PLANNED = ["chat-sft", "chat-rl", "chat-eval", "chat-cli", "chat-web", "report"]
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" to a flag's help, except where X is None, False or "" (nothing to
+    show) or the help already names its default."""
+
+    def _get_help_string(self, action):
+        help_ = action.help or ""
+        if "default:" in help_ or action.default in (None, False, "", argparse.SUPPRESS) or not action.option_strings:
+            return help_
+        return f"{help_} (default: {action.default})"
 
 
 def usage() -> str:

@@ -2,6 +2,7 @@
 dtype we compute in, torch.distributed setup, and user-facing errors."""
 
 import contextlib
+import math
 import os
 import re
 import urllib.parse
@@ -101,10 +102,6 @@ class Runtime:
     dtype_reason: str
 
     @property
-    def device_type(self) -> str:
-        return self.device.type
-
-    @property
     def master(self) -> bool:
         return self.rank == 0
 
@@ -150,50 +147,64 @@ def synchronize(device: torch.device):
 
 
 # ---------------------------------------------------------------------------
-# Peak dense bf16 FLOPs, for MFU (reference table §9.4). First matching pattern wins, so specific
-# variants (NVL, PCIe) come before the bare name. Patterns match whole words of the device name:
-# as plain substrings "l4" would match "NVIDIA L40S", "a40" "NVIDIA RTX A4000" and so on.
+# Peak dense bf16 FLOP/s, for MFU: the reference's table (section 9.4) checked against the vendors'
+# datasheets, which quote bf16 "with sparsity" at twice the dense figure. First matching pattern
+# wins, so variants (NVL, PCIe) come before the bare name. Patterns match whole words of the
+# device name: as plain substrings "l4" would match "NVIDIA L40S", "a40" "NVIDIA RTX A4000".
+# MIG slices ("NVIDIA H100 80GB HBM3 MIG 3g.40gb") get no entry: see get_peak_flops.
 
 PEAK_FLOPS = [
-    (r"gb200|grace blackwell", 2.5e15),
-    (r"b200", 2.25e15),
-    (r"b100", 1.8e15),
-    (r"gh200", 989e12),  # Hopper; the reference's substring "h200" matched it
-    (r"h200.*(nvl|pcie)", 836e12),
-    (r"h200", 989e12),
-    (r"h100.*nvl", 835e12),
-    (r"h100.*pcie", 756e12),
-    (r"h100", 989e12),
-    (r"h800.*nvl", 989e12),
-    (r"h800", 756e12),
-    (r"a100|a800", 312e12),
-    (r"a40", 149.7e12),
-    (r"a30", 165e12),
-    (r"l40s", 362e12),
-    (r"l40", 181.05e12),  # not in the reference table (its "l4" matched L40); NVIDIA datasheet, dense
-    (r"l4", 121e12),
-    (r"mi355x?", 2.5e15),
-    (r"mi325x?|mi300x", 1.3074e15),
-    (r"mi300a", 980.6e12),
-    (r"mi250x", 383e12),
-    (r"mi250", 362.1e12),
-    (r"5090", 209.5e12),
-    (r"4090", 165.2e12),
-    (r"3090", 71e12),
+    (r"gb200|grace blackwell", 2.5e15),  # NVIDIA GB200 NVL72 datasheet, per GPU
+    (r"b200", 2.25e15),  # NVIDIA HGX B200 datasheet, per GPU
+    (r"b100", 1.8e15),  # NVIDIA Blackwell architecture brief, HGX B100 per GPU
+    (r"gh200", 989e12),  # GH200 datasheet: the H100 SXM's tensor cores (the reference's "h200" matched it)
+    (r"h200.*(nvl|pcie)", 836e12),  # H200 datasheet, H200 NVL (PCIe card) 1,671 TF sparse
+    (r"h200", 989e12),  # H200 datasheet, H200 SXM 1,979 TF sparse
+    (r"h100.*nvl", 835e12),  # H100 datasheet, H100 NVL 1,671 TF sparse
+    (r"h100.*pcie", 756e12),  # H100 datasheet, H100 PCIe 1,513 TF sparse
+    (r"h100", 989e12),  # H100 datasheet, H100 SXM 1,979 TF sparse
+    # H800 datasheet: the SXM part ("NVIDIA H800") has the H100 SXM's 1,979 TF sparse and the PCIe
+    # card ("NVIDIA H800 PCIe") 1,513 TF. The reference gives the bare name the PCIe figure and
+    # the SXM figure to "h800+nvl", a name no H800 has.
+    (r"h800.*pcie", 756e12),
+    (r"h800", 989e12),
+    (r"a100|a800", 312e12),  # A100 datasheet, 312 TF dense (SXM and PCIe alike); A800 the same die
+    (r"a40", 149.7e12),  # A40 datasheet, 299.4 TF sparse
+    (r"a30", 165e12),  # A30 datasheet, 330 TF sparse
+    (r"l40s|l40-s", 362e12),  # L40S datasheet, 733 TF sparse (362.05 dense); "NVIDIA L40S"
+    (r"l40", 181.05e12),  # L40 datasheet, 362.1 TF sparse; not in the reference table (its "l4" matched L40)
+    (r"l4", 121e12),  # L4 datasheet, 242 TF sparse
+    (r"mi355x?", 2.5e15),  # AMD Instinct MI355X spec sheet, dense bf16
+    (r"mi325x?|mi300x", 1.3074e15),  # AMD MI300X / MI325X spec sheets, 1,307.4 TF dense
+    (r"mi300a", 980.6e12),  # AMD MI300A spec sheet
+    (r"mi250x", 383e12),  # AMD MI250X spec sheet
+    (r"mi250", 362.1e12),  # AMD MI250 spec sheet
+    (r"5090", 209.5e12),  # RTX Blackwell whitepaper, RTX 5090 bf16 dense with fp32 accumulate
+    (r"4090", 165.2e12),  # Ada whitepaper, RTX 4090 bf16 dense with fp32 accumulate
+    (r"3090", 71e12),  # Ampere GA102 whitepaper, RTX 3090 bf16 dense with fp32 accumulate
 ]
 
 
-def get_peak_flops(device_name: str) -> float:
-    """Peak bf16 FLOP/s of one device, or inf when unknown (MFU then reads 0)."""
+def get_peak_flops(device_name: str) -> float | None:
+    """Peak dense bf16 FLOP/s of one device: $PICOCHAT_PEAK_FLOPS when set (for a device the table
+    lacks), else the table's entry; None when unknown (MFU is then n/a, not 0)."""
+    override = os.environ.get("PICOCHAT_PEAK_FLOPS")
+    if override:
+        try:
+            value = float(override)
+        except ValueError:
+            value = 0.0
+        if not value > 0 or math.isinf(value):
+            raise PicochatError(f"PICOCHAT_PEAK_FLOPS={override!r} is not a positive number of FLOP/s (e.g. 989e12)")
+        return value
     name = device_name.lower()
-    if "data center gpu max 1550" in name:
-        props = torch.xpu.get_device_properties() if hasattr(torch, "xpu") else None
-        units = getattr(props, "max_compute_units", 0) if props is not None else 0
-        return 512 * units * 1.3e9 if units else float("inf")
+    if " mig " in f" {name} ":
+        # a MIG slice has a fraction of the GPU's SMs that its name does not give exactly
+        return None
     for pattern, flops in PEAK_FLOPS:
         if re.search(rf"\b(?:{pattern})\b", name):
             return flops
-    return float("inf")
+    return None
 
 
 def device_name(device: torch.device) -> str:

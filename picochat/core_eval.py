@@ -243,14 +243,29 @@ def make_example(task_type: str, item: dict, token_lists: list[list[int]], label
     return Example([with_], [len(without)], [len(with_)], 0)
 
 
-def prepare_examples(tokenizer, task: Task, data: list[dict], indices) -> list[Example]:
-    """Render and tokenize (BOS first) the items at indices of data."""
+def crop(example: Example, max_len: int) -> Example:
+    """The example with every row cut to its last max_len tokens and its spans shifted, as the
+    reference does for a model with a maximum length (the answer is at the end, so it survives).
+    A span keeps at least one token before it: position s-1 predicts token s."""
+    rows, starts, ends = [], [], []
+    for row, start, end in zip(example.rows, example.starts, example.ends):
+        cut = max(0, len(row) - max_len)
+        rows.append(row[cut:])
+        starts.append(max(start - cut, 1))
+        ends.append(end - cut)
+    return Example(rows, starts, ends, example.gold)
+
+
+def prepare_examples(tokenizer, task: Task, data: list[dict], indices, max_len: int | None = None) -> list[Example]:
+    """Render and tokenize (BOS first) the items at indices of data; rows longer than max_len
+    (the longest sequence the model can take) are cropped."""
     prompts = [render_prompts(task.task_type, data[i], task.delimiter, fewshot_examples(data, i, task.num_fewshot))
                for i in indices]
     flat = tokenizer.encode([p for ps in prompts for p in ps], prepend=tokenizer.get_bos_token_id())
     examples, k = [], 0
     for i, ps in zip(indices, prompts):
-        examples.append(make_example(task.task_type, data[i], flat[k:k + len(ps)], task.label))
+        example = make_example(task.task_type, data[i], flat[k:k + len(ps)], task.label)
+        examples.append(example if max_len is None else crop(example, max_len))
         k += len(ps)
     return examples
 
@@ -390,7 +405,8 @@ def evaluate_task(model, tokenizer, task: Task, device, max_per_task: int = -1,
     vectors are summed across ranks."""
     data = load_examples(task, max_per_task)
     indices = range(get_rank(), len(data), get_world_size())
-    examples = prepare_examples(tokenizer, task, data, indices)
+    # the longest sequence the model can take: its rotary table (10x its training length)
+    examples = prepare_examples(tokenizer, task, data, indices, getattr(model, "rotary_len", None))
     scores = score_examples(model, examples, tokenizer.get_bos_token_id(), device, batch_tokens, desc=task.label,
                             share_prefix=share_prefix)
     correct = torch.zeros(len(data), dtype=torch.float32)
@@ -402,14 +418,29 @@ def evaluate_task(model, tokenizer, task: Task, device, max_per_task: int = -1,
     return correct.cpu()
 
 
+def core_metric_name(num_tasks: int, total_tasks: int, max_per_task: int) -> tuple[str, str]:
+    """(printed name, metrics key) of a mean centered score. Only all tasks, uncapped, is "CORE",
+    the metric GPT-2's 0.256525 refers to; anything less says what it left out."""
+    if num_tasks == total_tasks and max_per_task <= 0:
+        return "CORE", "core"
+    parts, key = [], "core_partial"
+    if num_tasks != total_tasks:
+        parts.append(f"{num_tasks}/{total_tasks} tasks")
+        key += f"_{num_tasks}of{total_tasks}"
+    if max_per_task > 0:
+        parts.append(f"at most {max_per_task} examples per task")
+        key += f"_max{max_per_task}"
+    return f"CORE (partial: {', '.join(parts)})", key
+
+
 def evaluate_core(model, tokenizer, device, max_per_task: int = -1, tasks=None,
                   batch_tokens: int = BATCH_TOKENS, share_prefix: bool | None = None) -> dict:
     """Evaluate the CORE tasks (all, or the labels in tasks); batch_tokens and share_prefix as in
     score_examples. Returns
     - "tasks": {label: {accuracy, centered, baseline, num_fewshot, task_type, examples, seconds}}
-    - "metric_name" / "metric": "CORE" and its value when all tasks ran; otherwise
-      "CORE (partial, n/22 tasks)" and the mean centered score of the n tasks that ran
-    - "core": the CORE value, or None for a partial run; "num_tasks", "total_tasks"
+    - "metric_name", "metric_key", "metric": the mean centered score of the tasks that ran, named
+      by core_metric_name (CORE only for all tasks, uncapped)
+    - "core": the CORE value, or None for a partial or capped run; "num_tasks", "total_tasks"
     - "examples", "seconds", "examples_per_s": throughput over all ranks."""
     bundle = load_bundle()
     all_tasks = load_tasks(bundle)
@@ -429,13 +460,14 @@ def evaluate_core(model, tokenizer, device, max_per_task: int = -1, tasks=None,
                f"| centered {r['centered']:+.4f} | {r['examples']} examples in {r['seconds']:.1f}s")
     seconds = time.time() - t0
     metric = sum(r["centered"] for r in results.values()) / len(results)
-    full = len(results) == len(all_tasks)
+    name, key = core_metric_name(len(results), len(all_tasks), max_per_task)
     examples = sum(r["examples"] for r in results.values())
     return {
         "tasks": results,
-        "metric_name": "CORE" if full else f"CORE (partial, {len(results)}/{len(all_tasks)} tasks)",
+        "metric_name": name,
+        "metric_key": key,
         "metric": metric,
-        "core": metric if full else None,
+        "core": metric if key == "core" else None,
         "num_tasks": len(results),
         "total_tasks": len(all_tasks),
         "max_per_task": max_per_task,

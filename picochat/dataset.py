@@ -1,5 +1,6 @@
 """Pretraining text: where the parquet shards live, how they split into train and
-val, how to iterate them, and the `download` stage that fetches them.
+val, how to iterate them, and how to fetch or convert them (the `download` stage
+is picochat/stages/download.py).
 
 Data format. A dataset is a folder of `*.parquet` files, each with a string
 column `text` (one document per row; other columns are ignored), written in row
@@ -19,13 +20,12 @@ Where the data comes from:
   or `.txt` files (documents separated by blank lines) into such a folder.
 """
 
-import argparse
 import json
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -68,18 +68,26 @@ def data_dir_for(dataset: str) -> Path:
     return Path(dataset).expanduser()
 
 
+def _is_named_dataset_dir(data_dir: Path) -> bool:
+    return any(data_dir == data_dir_for(name) for name in DATASETS)
+
+
 def list_parquet_files(data_dir) -> list[Path]:
     """The dataset's parquet files in name order (half-downloaded `.tmp` files are not listed)."""
     data_dir = Path(data_dir)
+    # `picochat download` can fill a named dataset's folder, never the user's own one
+    named = _is_named_dataset_dir(data_dir)
     if not data_dir.exists():
-        raise PicochatError(f"data folder {data_dir} does not exist: run `picochat download` first "
-                            "(or pass the folder of your own parquet files)")
+        if named:
+            raise PicochatError(f"data folder {data_dir} does not exist: run `picochat download` first")
+        raise PicochatError(f"data folder {data_dir} does not exist (give a named dataset, "
+                            f"{' or '.join(DATASETS)}, or an existing folder of parquet files)")
     if not data_dir.is_dir():
         raise PicochatError(f"{data_dir} is not a folder of parquet files")
     files = sorted(p for p in data_dir.glob("*.parquet") if p.is_file())
     if not files:
-        raise PicochatError(f"no .parquet files in {data_dir}: run `picochat download` "
-                            "(or `picochat download --convert` for your own text)")
+        advice = "run `picochat download`" if named else "`picochat download --convert` turns your own text into shards"
+        raise PicochatError(f"no .parquet files in {data_dir}: {advice}")
     return files
 
 
@@ -91,8 +99,9 @@ def split_files(data_dir, split: str) -> list[Path]:
     if split == "val":
         return files[-1:]
     if len(files) < 2:
+        more = "e.g. `picochat download -n 1`" if _is_named_dataset_dir(Path(data_dir)) else "add a file"
         raise PicochatError(f"{data_dir} has only one parquet file ({files[0].name}), which is the validation "
-                            "split; training needs at least one more (e.g. `picochat download -n 1`)")
+                            f"split; training needs at least one more ({more})")
     return files[:-1]
 
 
@@ -385,86 +394,3 @@ def convert_to_parquet(inputs, output_dir, docs_per_shard: int = 65536, val_docs
     print(f"wrote {n_train} training documents in {len(paths) - 1} shard(s) and {n_val} validation documents "
           f"in {paths[-1].name} to {out}", flush=True)
     return paths
-
-
-# ---------------------------------------------------------------------------
-# The `download` stage
-
-
-@dataclass
-class DownloadConfig:
-    dataset: str = DEFAULT_DATASET  # a name in DATASETS or the path of your own folder
-    num_files: int = -1  # training shards to fetch (-1 = all); the validation shard always comes too
-    workers: int = 4
-    base_url: str = ""  # "" = $PICOCHAT_DATA_URL, else the dataset's own host
-    attempts: int = 5
-    backoff: float = 2.0  # seconds before the second attempt, doubling after each failure
-    timeout: float = 30.0  # seconds without data before an attempt fails
-    convert: list[str] = field(default_factory=list)  # .jsonl/.txt files to turn into parquet shards
-    output: str = ""
-    docs_per_shard: int = 65536
-    val_docs: int = 8192
-
-
-def run(config: DownloadConfig):
-    if config.convert:
-        if not config.output:
-            raise PicochatError("--convert needs --output DIR (the folder to write the parquet shards to)")
-        return convert_to_parquet(config.convert, config.output, config.docs_per_shard, config.val_docs)
-    if config.output:
-        raise PicochatError("--output is only used with --convert")
-    data_dir = data_dir_for(config.dataset)
-    if config.dataset not in DATASETS:
-        files = list_parquet_files(data_dir)
-        for path in files:
-            open_parquet(path)
-        train = f"{len(files) - 1} training file(s)" if len(files) > 1 else "no training files (need 2+ files)"
-        print(f"{data_dir} is your own data folder, so there is nothing to download: {train}, "
-              f"validation = {files[-1].name}", flush=True)
-        return None
-    return download_shards(DATASETS[config.dataset], data_dir, config.num_files, config.workers, config.base_url,
-                           config.attempts, config.backoff, config.timeout)
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="picochat download",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Download pretraining shards (the last shard, the validation split, always comes too), or\n"
-                    "convert your own text into parquet shards.",
-        epilog="examples:\n"
-               "  picochat download -n 8                  # shards 0-7 + shard_01822 (val) of fineweb-edu\n"
-               "  picochat download -n 170 --dataset climbmix -w 8\n"
-               "  PICOCHAT_DATA_URL=/mnt/mirror picochat download -n 8   # copy from a local mirror\n"
-               "  picochat download --convert a.jsonl b.txt --output ~/mydata\n"
-               "\n"
-               "data format: a folder of *.parquet files with a string column 'text' (one document per row);\n"
-               "files are taken in name order and the LAST file is the validation split.\n"
-               ".jsonl input: one JSON object per line with a \"text\" field. .txt input: documents separated\n"
-               "by blank lines. Shards have row groups of 1024 rows.")
-    parser.add_argument("-n", "--num-files", type=int, default=-1,
-                        help="number of training shards to download, 0..N-1 (-1 = all; default: -1)")
-    parser.add_argument("-w", "--workers", type=int, default=4, help="parallel downloads (default: 4)")
-    parser.add_argument("--dataset", default=DEFAULT_DATASET,
-                        help=f"{' or '.join(DATASETS)} (saved under $PICOCHAT_HOME), or a folder of your own "
-                             f"parquet files (nothing to download) (default: {DEFAULT_DATASET})")
-    parser.add_argument("--base-url", default="",
-                        help="fetch shards from this http(s) URL or local folder with the same file names "
-                             "(default: $PICOCHAT_DATA_URL, else the dataset's host)")
-    parser.add_argument("--convert", nargs="+", metavar="FILE", default=[],
-                        help="convert these .jsonl/.txt files into parquet shards in --output instead of downloading")
-    parser.add_argument("--output", default="", help="with --convert: the new folder to write shards to")
-    parser.add_argument("--docs-per-shard", type=int, default=65536,
-                        help="with --convert: documents per training shard (default: 65536)")
-    parser.add_argument("--val-docs", type=int, default=8192,
-                        help="with --convert: documents in the last (validation) shard, at most a tenth of "
-                             "the corpus (default: 8192)")
-    args = parser.parse_args(argv)
-    run(DownloadConfig(dataset=args.dataset, num_files=args.num_files, workers=args.workers,
-                       base_url=args.base_url, convert=args.convert, output=args.output,
-                       docs_per_shard=args.docs_per_shard, val_docs=args.val_docs))
-
-
-if __name__ == "__main__":
-    from picochat import cli
-    cli.run(main)

@@ -11,8 +11,12 @@ Ingredients, all without biases:
 - sliding-window attention ("SSSL" pattern; the last layer always sees everything)
 - untied embedding/unembedding and a tanh logit softcap computed in fp32
 
-Precision: master weights are fp32; activations run in an explicit compute dtype passed to
-GPT(config, compute_dtype). The custom Linear casts its weight to the input's dtype (no autocast).
+Precision: activations run in an explicit compute dtype passed to GPT(config, compute_dtype)
+(no autocast). Every matrix and scalar is stored in fp32 and the custom Linear casts its weight
+to the input's dtype on the fly. The embeddings (wte, value embeddings) are stored in the compute
+dtype itself, so in bf16 (CUDA's default) they are bf16 weights (AdamW computes their update in
+fp32 and rounds the result to bf16); only with an fp16 compute dtype are they kept in fp32
+(GradScaler cannot unscale fp16 gradients).
 """
 
 import math
@@ -24,127 +28,11 @@ import torch.nn.functional as F
 
 from picochat.attention import attention, describe, pin_masks
 from picochat.common import PicochatError, print0
+from picochat.recipes import RECIPES
 
 SOFTCAP = 15.0
 SMEAR_CHANNELS = 24  # smear_gate reads this many leading channels of the normed embedding
 PAD_VOCAB_TO = 64
-
-
-# ---------------------------------------------------------------------------
-# Recipes: architecture, init, optimizer and training-schedule constants that changed over the
-# reference's history. base_train and optim read everything preset-specific from here.
-
-
-@dataclass(frozen=True)
-class Recipe:
-    rope_theta: float
-    short_window_frac: float  # S window = ceil(T * frac / 128) * 128
-    qk_scale: float  # q and k are each multiplied by this after QK-norm
-    ve_gate_channels: int  # ve_gate reads this many leading channels of the block input
-    ve_gate_range: float  # gate = range * sigmoid(...)
-    smear: bool
-    backout: bool
-    wte_std: float
-    c_fc_scale: float  # c_fc ~ U(-c_fc_scale*s, c_fc_scale*s), s = sqrt(3/n_embd)
-    ve_gate_init: float  # ve_gate ~ U(0, ve_gate_init) (0 means zeros)
-    resid_lambda_init: tuple  # (layer 0, last layer), linear in between
-    x0_lambda_init: tuple
-    # AdamW groups: name -> (betas, weight_decay); value_embeds lr = ve_lr_mult * embedding lr
-    adamw: dict
-    ve_lr_mult: float
-    muon_beta2: float
-    # base_train's values for the flags left unset: lrs (before the batch-size lr scale), the Muon
-    # weight decay (before wd_scaling), warmup_steps, warmdown_ratio, final_lr_frac, total_batch_size
-    train_defaults: dict
-    # Schedules base_train applies each step (N = number of steps; the warmdown is the lr's last
-    # round(warmdown_ratio * N) steps). Muon momentum: momentum_start -> momentum_peak linearly over
-    # the first momentum_warmup steps, then momentum_peak, then linearly to momentum_final at step N
-    # over the warmdown (momentum_final = momentum_peak: no momentum warmdown).
-    momentum_start: float
-    momentum_peak: float
-    momentum_warmup: int
-    momentum_final: float
-    wd_schedule: str  # Muon weight decay from its start value to 0 at step N: "cosine" or "linear"
-    # Muon weight decay at step 0 from --weight-decay wd: "t_epoch" = wd * sqrt(B/B_REF) * D_REF/D
-    # (B_REF/D_REF: batch and tokens of d12), "depth_squared" = wd * (12/depth)^2
-    wd_scaling: str
-    # Muon variant (optim.MuonAdamW)
-    polar_express_norm: float  # X / (polar_express_norm * |X|_F) before Polar Express
-    muon_eq: bool  # MuonEq: equal row norms before Polar Express
-    muon_plus: bool  # Muon+: rescale to |X|_F = sqrt(min(m, n)) after it
-
-
-RECIPES = {
-    # The current reference recipe (after autoresearch round 2, 2026-03-14, plus later fixes).
-    "default": Recipe(
-        rope_theta=100_000.0, short_window_frac=0.25, qk_scale=1.2,
-        ve_gate_channels=12, ve_gate_range=3.0, smear=True, backout=True,
-        wte_std=0.8, c_fc_scale=0.4, ve_gate_init=0.02,
-        resid_lambda_init=(1.15, 1.05), x0_lambda_init=(0.20, 0.05),
-        adamw={
-            "lm_head": ((0.8, 0.96), 0.01),
-            "wte": ((0.8, 0.995), 0.001),
-            "value_embeds": ((0.8, 0.995), 0.01),
-            "resid_lambdas": ((0.8, 0.95), 0.05),
-            "x0_lambdas": ((0.96, 0.95), 0.0),
-            "smear": ((0.8, 0.95), 0.0),
-        },
-        ve_lr_mult=0.5, muon_beta2=0.9,
-        train_defaults=dict(embedding_lr=0.3, unembedding_lr=0.008, matrix_lr=0.02, scalar_lr=0.5,
-                            weight_decay=0.28, warmup_steps=40, warmdown_ratio=0.65, final_lr_frac=0.05,
-                            total_batch_size=-1),
-        momentum_start=0.85, momentum_peak=0.97, momentum_warmup=400, momentum_final=0.90,
-        wd_schedule="cosine", wd_scaling="t_epoch",
-        polar_express_norm=1.01, muon_eq=True, muon_plus=True,
-    ),
-    # The 2026-01-29 d24 leaderboard run #1 (commit 348fbb3). Stated by the spec: RoPE theta 10K,
-    # 32-channel VE gates with range 2, S = T/2, no smear, no backout; with these the model has the
-    # published 1,384,124,976 params and 4.9451e9 FLOPs/token. (S is rounded up to a multiple of
-    # 128 like the default's; the original took T//2, which is the same whenever 256 divides T.)
-    # Read off the spec's list of later changes, taking "X -> Y" to mean Jan-29 had X: QK scale 1.0
-    # (round 1 added 1.15); wte std 1.0 (round 1: 0.8); c_fc U(-s, s) (round 1: 0.5s, round 2:
-    # 0.4s); softcap 15 (20 only in March); unembedding lr 0.004; embedding lr 0.3; Muon beta2 0.95;
-    # a single AdamW beta pair (0.8, 0.95) without weight decay (per-group values came in round 1)
-    # except x0's beta1 0.96 (added 2026-01-25..29); Muon wd 0.2, which base_train of that era
-    # scaled by (12/depth)^2 rather than by the T_epoch rule.
-    # Inferred beyond the spec, from public nanochat-derived code of that era: lm_head std 0.001,
-    # matrix lr 0.02 and scalar lr 0.5 as today; VE gates init to zero (gate = 1 at init, neutral);
-    # constant resid_lambdas 1.0 and x0_lambdas 0.1 (round 2 brought the ramps); value_embeds at
-    # the full embedding lr (the 0.5x came later).
-    # Training schedules and Muon variant, read off the spec's history the same way: no lr warmup
-    # (v0 had none; round 1 added 40 steps); warmdown 0.4 (2026-01-05/07; 0.5 from 01-31); Muon
-    # momentum 0.85 -> 0.95 over 300 steps, then flat (v0's schedule; round 1 made it 0.97 over 400
-    # steps, round 2 added the 0.97 -> 0.90 warmdown); Muon wd linear to 0 (2026-01-10/11; round 1
-    # made it cosine), scaled by (12/depth)^2 (2026-01-10 to 02-06, then the T_epoch rule); Polar
-    # Express normalization 1.02 (1.01 from 2026-03-09); no MuonEq / Muon+ (added 2026-07-03).
-    # NorMuon, cautious wd and the sqrt(max(1, m/n)) Muon lr date from 2026-01-10/11: they stay on.
-    # Inferred, from public nanochat-derived code of January 2026: a final lr of 0 (the spec only
-    # says round 1 went "warmdown 0.5 -> 0.65 with final lr 0.05"); the linear wd as wd * (1 - it/N);
-    # the (12/depth)^2 wd not multiplied by the batch lr scale. Also assumed: momentum unchanged from
-    # v0 until round 1 (the spec lists no change in between).
-    # The record's fixed 524,288-token batch (section 16; the depth-derived batch came 2026-02-05)
-    # is this preset's --total-batch-size default, so the lr scale is 1 at any depth.
-    "jan29": Recipe(
-        rope_theta=10_000.0, short_window_frac=0.5, qk_scale=1.0,
-        ve_gate_channels=32, ve_gate_range=2.0, smear=False, backout=False,
-        wte_std=1.0, c_fc_scale=1.0, ve_gate_init=0.0,
-        resid_lambda_init=(1.0, 1.0), x0_lambda_init=(0.1, 0.1),
-        adamw={
-            "lm_head": ((0.8, 0.95), 0.0),
-            "wte": ((0.8, 0.95), 0.0),
-            "value_embeds": ((0.8, 0.95), 0.0),
-            "resid_lambdas": ((0.8, 0.95), 0.0),
-            "x0_lambdas": ((0.96, 0.95), 0.0),
-        },
-        ve_lr_mult=1.0, muon_beta2=0.95,
-        train_defaults=dict(embedding_lr=0.3, unembedding_lr=0.004, matrix_lr=0.02, scalar_lr=0.5,
-                            weight_decay=0.2, warmup_steps=0, warmdown_ratio=0.4, final_lr_frac=0.0,
-                            total_batch_size=524_288),
-        momentum_start=0.85, momentum_peak=0.95, momentum_warmup=300, momentum_final=0.95,
-        wd_schedule="linear", wd_scaling="depth_squared",
-        polar_express_norm=1.02, muon_eq=False, muon_plus=False,
-    ),
-}
 
 
 @dataclass
@@ -213,7 +101,7 @@ def norm(x):
 
 
 class Linear(nn.Linear):
-    """Bias-free Linear with an fp32 master weight, cast to the activation dtype on the fly."""
+    """Bias-free Linear whose (fp32) weight is cast to the activation dtype on the fly."""
 
     def __init__(self, in_features, out_features):
         super().__init__(in_features, out_features, bias=False)
@@ -326,8 +214,9 @@ class GPT(nn.Module):
     def _rotary_tables(self):
         head_dim = self.config.n_embd // self.config.n_head
         device = self.transformer.wte.weight.device
-        inv_freq = self.recipe.rope_theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=device)
-                                               / head_dim)
+        # 1 / theta^(i/d) as the reference writes it: theta^(-i/d) differs by an ulp in some frequencies
+        inv_freq = 1.0 / (self.recipe.rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device)
+                                                     / head_dim))
         angles = torch.outer(torch.arange(self.rotary_len, dtype=torch.float32, device=device), inv_freq)
         return (angles.cos().to(self.compute_dtype)[None, :, None, :],
                 angles.sin().to(self.compute_dtype)[None, :, None, :])
@@ -339,26 +228,29 @@ class GPT(nn.Module):
         s = math.sqrt(3.0 / d)  # uniform(-s, s) has std 1/sqrt(d)
         for emb in [self.transformer.wte, *self.value_embeds.values()]:
             emb.to(dtype=torch.float32)  # init in fp32 whatever the storage dtype, then cast
+        # The reference's order of draws from the one seed, so the same seed gives the same weights
         nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=r.wte_std)
         nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
         for block in self.transformer.h:
             for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v):
                 nn.init.uniform_(lin.weight, -s, s)
-            nn.init.uniform_(block.mlp.c_fc.weight, -r.c_fc_scale * s, r.c_fc_scale * s)
             nn.init.zeros_(block.attn.c_proj.weight)  # every block starts as the identity
+            nn.init.uniform_(block.mlp.c_fc.weight, -r.c_fc_scale * s, r.c_fc_scale * s)
             nn.init.zeros_(block.mlp.c_proj.weight)
-            if block.attn.ve_gate is not None:
-                nn.init.uniform_(block.attn.ve_gate.weight, 0.0, r.ve_gate_init)
-        for emb in self.value_embeds.values():
-            nn.init.uniform_(emb.weight, -s, s)
-        ramp = torch.arange(L, dtype=torch.float32) / max(L - 1, 1)
-        self.resid_lambdas.copy_(r.resid_lambda_init[0] + (r.resid_lambda_init[1] - r.resid_lambda_init[0]) * ramp)
-        self.x0_lambdas.copy_(r.x0_lambda_init[0] + (r.x0_lambda_init[1] - r.x0_lambda_init[0]) * ramp)
-        if r.smear:
-            nn.init.uniform_(self.smear_gate.weight, 0.0, 0.02)
-            self.smear_lambda.fill_(0.0)
+        # per-layer ramps in Python floats, as the reference computes them, then rounded to fp32 once
+        ramp = lambda start, drop: torch.tensor([start - drop * i / max(L - 1, 1) for i in range(L)])
+        self.resid_lambdas.copy_(ramp(*r.resid_lambda_init))
+        self.x0_lambdas.copy_(ramp(*r.x0_lambda_init))
         if r.backout:
             self.backout_lambda.fill_(0.2)
+        if r.smear:
+            self.smear_lambda.fill_(0.0)
+            nn.init.uniform_(self.smear_gate.weight, 0.0, 0.02)
+        for emb in self.value_embeds.values():
+            nn.init.uniform_(emb.weight, -s, s)
+        for block in self.transformer.h:
+            if block.attn.ve_gate is not None:
+                nn.init.uniform_(block.attn.ve_gate.weight, 0.0, r.ve_gate_init)
         self.cos, self.sin = self._rotary_tables()
         for emb in [self.transformer.wte, *self.value_embeds.values()]:
             emb.to(dtype=self.embed_dtype)

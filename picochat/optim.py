@@ -183,7 +183,7 @@ class MuonAdamW(torch.optim.Optimizer):
         reductions = []
         for group in self.param_groups:
             launch = self._launch_adamw if group["kind"] == "adamw" else self._launch_muon
-            reductions.append(launch(group, rank, world))
+            reductions.append(launch(group, world))
         # Phase 2: per group, wait for its gradients, update the owned part, start the gather
         gathers = []
         for group, reduction in zip(self.param_groups, reductions):
@@ -197,7 +197,7 @@ class MuonAdamW(torch.optim.Optimizer):
 
     # --- AdamW: small tensors all-reduced whole, large ones sharded along dim 0
 
-    def _launch_adamw(self, group, rank, world):
+    def _launch_adamw(self, group, world):
         reduction = []
         for p in group["params"]:
             grad = _grad_of(p)
@@ -244,7 +244,7 @@ class MuonAdamW(torch.optim.Optimizer):
 
     # --- Muon: the group's K matrices stacked; rank r owns stack rows [r*c, (r+1)*c)
 
-    def _launch_muon(self, group, rank, world):
+    def _launch_muon(self, group, world):
         params = group["params"]
         grads = torch.stack([_grad_of(p) for p in params])
         if world == 1:

@@ -6,6 +6,7 @@ merges in the order they were learned, and the 9 special tokens sit at the top.
 """
 
 import copy
+import hashlib
 import os
 import pickle
 from pathlib import Path
@@ -108,6 +109,16 @@ class Tokenizer:
         torch.save(self.token_bytes(), tmp)
         os.replace(tmp, directory / "token_bytes.pt")
 
+    def fingerprint(self) -> str:
+        """sha256 of what decides every id: the split pattern, the merges with their ranks and the
+        special tokens. Two tokenizers with the same vocab size but other merges differ here."""
+        h = hashlib.sha256(self.enc._pat_str.encode())
+        for token, rank in sorted(self.enc._mergeable_ranks.items(), key=lambda kv: kv[1]):
+            h.update(rank.to_bytes(4, "little") + len(token).to_bytes(2, "little") + token)
+        for name, rank in sorted(self.enc._special_tokens.items(), key=lambda kv: kv[1]):
+            h.update(rank.to_bytes(4, "little") + name.encode() + b"\0")
+        return h.hexdigest()
+
     # -- vocabulary ----------------------------------------------------------
 
     def get_vocab_size(self) -> int:
@@ -176,14 +187,15 @@ class Tokenizer:
         ids, mask = self._render(_checked_messages(conversation))
         return ids[:max_tokens], mask[:max_tokens]
 
-    def render_for_completion(self, conversation) -> list[int]:
+    def render_for_completion(self, conversation, max_tokens: int = 2048) -> list[int]:
         """The prompt for sampling the final assistant reply: the conversation without that reply,
-        followed by <|assistant_start|>. Not truncated, so the end of the prompt is never lost."""
+        truncated to max_tokens like render_conversation, then <|assistant_start|> (as the reference
+        does, so the same conversation gives the same prompt)."""
         messages = _checked_messages(conversation)
         if messages[-1]["role"] != "assistant":
             raise ConversationError("render_for_completion needs a conversation that ends with an assistant message")
         ids, _ = self._render(messages[:-1])
-        return ids + [self.encode_special("<|assistant_start|>")]
+        return ids[:max_tokens] + [self.encode_special("<|assistant_start|>")]
 
     def _render(self, messages):
         ids, mask = [], []

@@ -30,8 +30,9 @@ picochat tok-eval --dataset "$DATASET"
 
 # A 4-layer model on 128-token rows, 1024 tokens per step. Such a small batch gets an lr
 # scale of sqrt(1024/2^19) = 1/22 from the depth rules, so the base lrs are raised 10x
-# for the loss to move visibly in 120 steps.
-picochat base-train --dataset "$DATASET" --model-tag tiny \
+# for the loss to move visibly in 120 steps. --overwrite: rerunning this recipe starts its
+# "tiny" run over (without it, base-train refuses a tag that already has checkpoints).
+picochat base-train --dataset "$DATASET" --model-tag tiny --overwrite \
   --depth 4 --head-dim 64 --max-seq-len 128 --window-pattern L \
   --device-batch-size 8 --total-batch-size 1024 --num-iterations 120 --warmup-steps 5 \
   --embedding-lr 3 --unembedding-lr 0.08 --matrix-lr 0.2 \

@@ -1,21 +1,33 @@
-"""Shared fixtures. Real data comes from ../shared/data (see its MANIFEST.md);
-tests that need it skip with a reason when it is absent."""
+"""Shared fixtures. Every test builds its own data (tests/synthetic.py): a generated pretraining
+corpus, a tokenizer trained on it in seconds, a 22-task CORE bundle in the real format. The real
+data under ../shared/data (see its MANIFEST.md) only feeds optional larger checks through
+shared_path, which skips where it is absent, except under CI=true, where it fails."""
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
+from synthetic import write_core_bundle, write_corpus
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("PICOCHAT_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
 def shared_path(*parts) -> Path:
-    """A path inside ../shared/data, or skip the test when it is not there."""
+    """A path inside ../shared/data, for an optional check on real data."""
     path = SHARED_DATA.joinpath(*parts)
     if not path.exists():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true and the shared test data is missing: {path}")
         pytest.skip(f"shared test data not found: {path}")
     return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -28,14 +40,14 @@ def picochat_home(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="session")
-def pretrain_dir():
-    """The two real parquet shards (shard_00001 is the held-out last shard)."""
-    return shared_path("pretrain")
+def pretrain_dir(tmp_path_factory):
+    """Two generated shards (see synthetic.write_corpus); shard_00001 is the validation split."""
+    return write_corpus(tmp_path_factory.mktemp("pretrain"))
 
 
 @pytest.fixture(scope="session")
 def small_tokenizer(pretrain_dir):
-    """A real BPE tokenizer (vocab 1024) trained on the shared training shard."""
+    """A real BPE tokenizer (vocab 1024) trained on the corpus's training shard."""
     from picochat.dataset import parquets_iter_batched
     from picochat.tokenizer import Tokenizer
 
@@ -44,3 +56,10 @@ def small_tokenizer(pretrain_dir):
             yield from batch
 
     return Tokenizer.train_from_iterator(texts(), vocab_size=1024)
+
+
+@pytest.fixture(scope="session")
+def core_bundle(tmp_path_factory):
+    """A CORE eval bundle with all 22 tasks, 12 examples each (see synthetic.write_core_bundle);
+    tests point PICOCHAT_EVAL_BUNDLE at it."""
+    return write_core_bundle(tmp_path_factory.mktemp("eval_bundle"))

@@ -1,5 +1,6 @@
 """Attention backends against a plain softmax reference written out here."""
 
+import re
 import sys
 import types
 import warnings
@@ -326,14 +327,19 @@ def fake_gpu(monkeypatch):
     return setup
 
 
-TRUSTED = dict(revision="main", trust_remote_code=True)
+def trusted(repo, trust=True):
+    """The arguments of a pinned load: a full commit hash, never a branch a push can move."""
+    revision = A.FA3_REVISIONS[repo]
+    assert re.fullmatch(r"[0-9a-f]{40}", revision)
+    return dict(revision=revision, trust_remote_code=trust)
 
 
 def test_fa3_on_hopper_loads_the_hopper_build(fake_gpu):
     calls = fake_gpu((9, 0))
     assert A.load_fa3() is not None
-    assert calls == [("get_kernel", "varunneal/flash-attention-3", TRUSTED)]
-    assert A.fa3_status() == "FA3 from varunneal/flash-attention-3 (kernels 0.17.2)"
+    hopper = "varunneal/flash-attention-3"
+    assert calls == [("get_kernel", hopper, trusted(hopper))]
+    assert A.fa3_status() == f"FA3 from {hopper}@{A.FA3_REVISIONS[hopper][:7]} (kernels 0.17.2)"
     assert A.backend_name(512, 2048, "cuda", torch.bfloat16) == "fa3"
     assert A.backend_name(512, 2048, "cuda", torch.float32) == "flex"  # FA3 is bf16 only
     A.load_fa3()
@@ -345,8 +351,8 @@ def test_fa3_on_ampere_and_ada_loads_the_community_build(fake_gpu, capability):
     calls = fake_gpu(capability)
     assert A.load_fa3() is not None
     repo = "kernels-community/flash-attn3"
-    assert calls == [("has_kernel", repo, TRUSTED), ("get_kernel", repo, TRUSTED)]
-    assert A.fa3_status() == f"FA3 from {repo} (kernels 0.17.2)"
+    assert calls == [("has_kernel", repo, trusted(repo)), ("get_kernel", repo, trusted(repo))]
+    assert A.fa3_status() == f"FA3 from {repo}@{A.FA3_REVISIONS[repo][:7]} (kernels 0.17.2)"
 
 
 @pytest.mark.parametrize("capability", [(10, 0), (12, 0), (7, 5)])
@@ -382,7 +388,7 @@ def test_fa3_with_kernels_before_trust_remote_code(fake_gpu):
     """kernels 0.12 has no trust_remote_code: passing it would be a TypeError."""
     calls = fake_gpu((8, 0), old_api=True)
     assert A.load_fa3() is not None, A.fa3_status()
-    assert [c[2] for c in calls] == [dict(revision="main", trust_remote_code=False)] * 2
+    assert [c[2] for c in calls] == [trusted("kernels-community/flash-attn3", trust=False)] * 2
 
 
 def test_fa3_without_the_kernels_package(fake_gpu, monkeypatch):

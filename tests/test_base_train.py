@@ -9,32 +9,34 @@ import gc
 import json
 import math
 import os
+import shutil
 import signal
 import threading
 import time
 
 import pytest
 import torch
+from conftest import free_port
 
-from picochat import base_train, cli
 from picochat import checkpoint as ckpt
-from picochat.base_train import (
+from picochat import cli
+from picochat.common import PicochatError
+from picochat.dataset import parquets_iter_batched
+from picochat.gpt import GPT, config_from_depth
+from picochat.recipes import RECIPES
+from picochat.stages import base_train
+from picochat.stages.base_train import (
     Plan,
     TrainConfig,
-    grad_accum_steps,
-    lr_multiplier,
     main,
-    model_flops_utilization,
-    muon_momentum,
-    muon_weight_decay,
     plan_training,
     reference_scaling_params,
     run,
     scaling_params,
     with_preset_defaults,
 )
-from picochat.common import PicochatError
-from picochat.gpt import GPT, RECIPES, config_from_depth
+from picochat.tokenizer import Tokenizer
+from picochat.training import find_resume_step, lr_multiplier, muon_momentum, muon_weight_decay
 
 # ---------------------------------------------------------------------------
 # Derivation from depth and schedules: no training
@@ -117,31 +119,6 @@ def test_plan_precedence_and_auto_batch_bands():
         plan_training(dataclasses.replace(c, target_param_data_ratio=1e-6), n_ref, n_ref, 1e9)
 
 
-def test_grad_accum_steps():
-    assert grad_accum_steps(524_288, 32, 2048, 8) == 1
-    assert grad_accum_steps(524_288, 16, 2048, 8) == 2
-    assert grad_accum_steps(1_048_576, 4, 2048, 1) == 128
-    with pytest.raises(PicochatError, match=r"valid --device-batch-size values: 1, 2, 4, 8, 16$"):
-        grad_accum_steps(2048, 3, 128, 1)
-    with pytest.raises(PicochatError, match="not a multiple of max_seq_len x world size = 100 x 1"):
-        grad_accum_steps(2048, 1, 100, 1)
-
-
-def test_lr_multiplier():
-    # n=100, warmup 10, warmdown round(0.5*100)=50 starting after step 50, final 0.1
-    lrm = lambda it: lr_multiplier(it, 100, 10, 0.5, 0.1)
-    assert lrm(0) == pytest.approx(0.1)  # (0+1)/10
-    assert lrm(4) == pytest.approx(0.5)
-    assert lrm(9) == pytest.approx(1.0)
-    assert lrm(10) == lrm(50) == 1.0
-    assert lrm(51) == pytest.approx(0.98 + 0.02 * 0.1)  # p = 49/50
-    assert lrm(75) == pytest.approx(0.5 + 0.5 * 0.1)
-    assert lrm(100) == pytest.approx(0.1)
-    assert lr_multiplier(5, 10, 3, 0.0, 0.05) == 1.0  # no warmdown
-    assert lr_multiplier(0, 10, 0, 0.5, 0.0) == 1.0  # no warmup
-    assert lr_multiplier(10, 10, 0, 0.5, 0.0) == 0.0
-
-
 def test_lr_multiplier_presets():
     default = with_preset_defaults(TrainConfig())
     jan29 = with_preset_defaults(TrainConfig(preset="jan29"))
@@ -209,26 +186,6 @@ def test_setup_optimizer_uses_the_presets_muon_variant():
         assert len(opt.param_groups) == len(model.optimizer_groups())
 
 
-def test_muon_momentum_and_weight_decay():
-    m = lambda it: muon_momentum(it, 1000, 0.5, RECIPES["default"])  # warmdown = steps 500..1000
-    assert m(0) == pytest.approx(0.85)
-    assert m(200) == pytest.approx(0.91)
-    assert m(400) == m(499) == 0.97
-    assert m(500) == pytest.approx(0.97)
-    assert m(750) == pytest.approx(0.935)
-    assert m(1000) == pytest.approx(0.90)
-    assert muon_weight_decay(0, 100, 0.2, "cosine") == pytest.approx(0.2)
-    assert muon_weight_decay(50, 100, 0.2, "cosine") == pytest.approx(0.1)
-    assert muon_weight_decay(25, 100, 0.2, "cosine") == pytest.approx(0.1 * (1 + math.sqrt(0.5)))
-    assert muon_weight_decay(100, 100, 0.2, "cosine") == pytest.approx(0.0)
-
-
-def test_mfu_formula():
-    # 1e9 FLOPs/token * 524,288 tokens in 0.5 s = 1.048576e15 FLOP/s over 8 H100s (8 * 989e12 = 7.912e15)
-    assert model_flops_utilization(1e9, 524_288, 0.5, 989e12, 8) == pytest.approx(13.25298, rel=1e-5)
-    assert model_flops_utilization(1e9, 524_288, 0.5, float("inf"), 1) == 0.0  # CPU: unknown peak
-
-
 # ---------------------------------------------------------------------------
 # Real runs: depth 2, T 64, 2 rows per pass, 256-token batches (2 accumulation steps).
 # Such a small batch gets an lr scale of sqrt(256 / 2^19) = 1/45, so the base lrs are
@@ -257,10 +214,15 @@ def metrics(home, tag) -> list[dict]:
 
 def deterministic(records) -> list[dict]:
     """The records without their timings."""
-    return [{k: v for k, v in r.items() if k not in ("dt", "tok_per_s", "mfu")} for r in records]
+    return [{k: v for k, v in r.items() if k not in ("dt", "tok_per_s", "bf16_mfu")} for r in records]
 
 
-def test_train_learn_resume_and_determinism(home, pretrain_dir):
+def timed_steps(records) -> float:
+    """The leaderboard clock by hand: the logged step times of global steps 11 and later."""
+    return sum(r["dt"] for r in sorted(records, key=lambda r: r["step"]) if "loss" in r and r["step"] > 10)
+
+
+def test_train_learn_resume_and_determinism(home, pretrain_dir, capsys):
     result = run(config(pretrain_dir, "a"))
     assert result["step"] == N and gc.isenabled()
     a = metrics(home, "a")
@@ -272,19 +234,26 @@ def test_train_learn_resume_and_determinism(home, pretrain_dir):
     first, last = (sum(r["loss"] for r in rs) / 5 for rs in (train[:5], train[-5:]))
     assert first == pytest.approx(math.log(1024), abs=0.1) and last < first - 0.5
     assert evals[-1]["val_bpb"] < evals[0]["val_bpb"] - 0.3
-    # tok/s counts the whole batch (both accumulation steps), MFU is 0 on CPU
+    # tok/s counts the whole batch (both accumulation steps); the CPU has no known peak: MFU is null
     for r in train:
-        assert r["tok_per_s"] == pytest.approx(256 / r["dt"]) and r["mfu"] == 0.0
+        assert r["tok_per_s"] == pytest.approx(256 / r["dt"]) and r["bf16_mfu"] is None
         assert r["tokens"] == 256 * (r["step"] + 1) and r["flops"] > 0
         assert r["lrm"] == lr_multiplier(r["step"], N, 5, 0.65, 0.05)
     assert ckpt.complete_steps(home / "base_checkpoints" / "a") == [15, 30]
     meta = json.loads((home / "base_checkpoints" / "a" / "meta_000015.json").read_text())
     assert meta["loop_state"]["evals_done"] and meta["val_bpb"] == evals[1]["val_bpb"]
     assert (meta["world_size"], meta["preset"], meta["total_batch_size"]) == (1, "default", 256)
+    assert result["total_training_time"] == pytest.approx(timed_steps(a), rel=1e-12)
+    # the console prints the debiased EMA as loss_ema, and n/a for an MFU it cannot know
+    out = capsys.readouterr().out
+    assert f"step 00029/00030 (96.67%) | loss_ema: {train[-1]['loss_ema']:.6f} | " in out
+    assert "| bf16 mfu: n/a |" in out and "peak bf16 FLOP/s: unknown" in out
 
-    # resume from the step-15 checkpoint: metrics after it are dropped and redone identically
-    run(config(pretrain_dir, "a", resume_from_step=15))
+    # resume from the step-15 checkpoint: metrics after it are dropped and redone identically, and
+    # the clock counts the same steps (11..29) as the uninterrupted run's, not 11..14 and 26..29
+    resumed = run(config(pretrain_dir, "a", resume_from_step=15))
     assert deterministic(metrics(home, "a")) == deterministic(a)
+    assert resumed["total_training_time"] == pytest.approx(timed_steps(metrics(home, "a")), rel=1e-12)
 
     # another seed starts elsewhere
     run(config(pretrain_dir, "c", seed=7, num_iterations=2, eval_every=-1, save_every=-1))
@@ -315,8 +284,9 @@ def test_train_learn_resume_and_determinism(home, pretrain_dir):
     assert len([r for r in d if "loss" in r]) == stopped
     assert deterministic(d) == deterministic(a[:len(d)])
     # --resume continues to exactly the uninterrupted run's metrics
-    run(config(pretrain_dir, "d", save_every=-1, resume=True))
+    resumed = run(config(pretrain_dir, "d", save_every=-1, resume=True))
     assert deterministic(metrics(home, "d")) == deterministic(a)
+    assert resumed["total_training_time"] == pytest.approx(timed_steps(metrics(home, "d")), rel=1e-12)
 
 
 def test_jan29_run_applies_its_schedules(home, pretrain_dir, monkeypatch):
@@ -342,6 +312,25 @@ def test_jan29_run_applies_its_schedules(home, pretrain_dir, monkeypatch):
     assert all(math.isfinite(r["loss"]) for r in records)
 
 
+def test_default_run_applies_its_schedules(home, pretrain_dir, monkeypatch):
+    seen = []
+    apply_schedules = base_train.apply_schedules
+
+    def spy(optimizer, lrm, momentum, weight_decay):
+        seen.append((lrm, momentum, weight_decay))
+        assert (optimizer.polar_express_norm, optimizer.muon_eq, optimizer.muon_plus) == (1.01, True, True)
+        apply_schedules(optimizer, lrm, momentum, weight_decay)
+
+    monkeypatch.setattr(base_train, "apply_schedules", spy)
+    run(config(pretrain_dir, "sched", warmup_steps=None, num_iterations=4, eval_every=-1, save_every=-1))
+    # the reference's schedules (spec 7.1-7.3) at 4 steps: lr warmup over 40 steps, (it + 1) / 40;
+    # Muon momentum 0.85 -> 0.97 over 400 steps; weight decay a half cosine to 0 at step 4
+    lrm, momentum, wd = zip(*seen)
+    assert lrm == pytest.approx([1 / 40, 2 / 40, 3 / 40, 4 / 40])
+    assert momentum == pytest.approx([0.85 + 0.12 * it / 400 for it in range(4)])
+    assert [w / wd[0] for w in wd] == pytest.approx([0.5 * (1 + math.cos(math.pi * it / 4)) for it in range(4)])
+
+
 @pytest.mark.slow
 def test_compiled_path(home, pretrain_dir):
     # compiling the model takes most of this test's time (the optimizer's kernels, compiled per
@@ -357,30 +346,34 @@ def test_compiled_path(home, pretrain_dir):
     assert meta["step"] == 3 and not any(k.startswith("_orig_mod") for k in model.state_dict())
 
 
-def test_core_samples_and_wandb_hooks(home, pretrain_dir, monkeypatch, capsys):
-    # a two-task bundle whose second task has no data file: CORE in training runs the present one
-    shared = pretrain_dir.parent / "eval_bundle"
-    bundle = home / "mini_bundle"
-    (bundle / "eval_data" / "commonsense_reasoning").mkdir(parents=True)
-    (bundle / "eval_meta_data.csv").write_text((shared / "eval_meta_data.csv").read_text())
-    copa = "commonsense_reasoning/copa.jsonl"
-    (bundle / "eval_data" / copa).write_text((shared / "eval_data" / copa).read_text())
-    (bundle / "core.yaml").write_text(
-        "icl_tasks:\n"
-        f"- {{label: copa, dataset_uri: {copa}, num_fewshot: [0], icl_task_type: multiple_choice}}\n"
-        "- {label: squad, dataset_uri: reading_comprehension/squad.jsonl, num_fewshot: [10], "
-        "icl_task_type: language_modeling}\n")
+def test_core_samples_and_wandb_hooks(home, pretrain_dir, core_bundle, monkeypatch, capsys):
+    # the 22-task bundle with one task's data file missing: CORE in training runs the other 21
+    bundle = home / "bundle"
+    shutil.copytree(core_bundle, bundle)
+    missing = next((bundle / "eval_data").rglob("copa.jsonl"))
+    missing.unlink()
     monkeypatch.setenv("PICOCHAT_EVAL_BUNDLE", str(bundle))
     monkeypatch.setenv("WANDB_MODE", "disabled")  # in case wandb is installed: never reach the network
     run(config(pretrain_dir, "hooks", num_iterations=2, eval_every=-1, core_metric_every=1,
-               core_metric_max_per_task=4, sample_every=2, run="named"))
-    core = [r for r in metrics(home, "hooks") if "core_partial" in r]
-    assert not any("core" in r for r in metrics(home, "hooks"))  # a task subset is never logged as CORE
+               core_metric_max_per_task=12, sample_every=2, run="named"))
+    records = metrics(home, "hooks")
+    # a subset, and a capped run, is never logged or printed as CORE: the name says what it left out
+    assert not any("core" in r for r in records)
+    core = [r for r in records if "core_partial_21of22_max12" in r]
     assert [r["step"] for r in core] == [1, 2]
-    assert all(-1 <= r["core_partial"] <= 1 for r in core)  # centered accuracy of copa (baseline 50%)
+    assert all(-1 <= r["core_partial_21of22_max12"] <= 1 for r in core)
     out = capsys.readouterr().out
-    assert "CORE during training is partial (1/2 tasks)" in out and "CORE (partial, 1/2 tasks)" in out
+    assert "CORE during training is partial (21/22 tasks)" in out
+    assert "step 00001 | CORE (partial: 21/22 tasks, at most 12 examples per task): " in out
+    assert "| CORE:" not in out
     assert "'The capital of France is' -> " in out
+
+    # all 22 tasks, uncapped: that alone is "core"
+    shutil.copy(next(core_bundle.rglob("copa.jsonl")), missing)
+    run(config(pretrain_dir, "full", num_iterations=1, eval_every=-1, core_metric_every=1,
+               core_metric_max_per_task=-1))
+    assert [sorted(r) for r in metrics(home, "full") if "loss" not in r] == [["core", "step"]]
+    assert "step 00001 | CORE: " in capsys.readouterr().out
 
     (bundle / "core.yaml").unlink()  # a broken bundle fails before any training, not at the first CORE
     with pytest.raises(PicochatError, match="no core.yaml"):
@@ -388,13 +381,29 @@ def test_core_samples_and_wandb_hooks(home, pretrain_dir, monkeypatch, capsys):
     assert not (home / "base_checkpoints" / "hooks2").exists()
 
 
+def test_flags_and_resume_target_are_checked_before_the_bundle_is_fetched(home, pretrain_dir, monkeypatch):
+    # a bundle URL where nothing listens: fetching it fails at once
+    monkeypatch.setenv("PICOCHAT_EVAL_BUNDLE", f"http://127.0.0.1:{free_port()}/eval_bundle.zip")
+    fetches = []
+    load_bundle = base_train.load_bundle
+    monkeypatch.setattr(base_train, "load_bundle", lambda: fetches.append(1) or load_bundle())
+    with pytest.raises(PicochatError, match="valid --device-batch-size values"):
+        run(config(pretrain_dir, "net", device_batch_size=3, core_metric_every=10))
+    with pytest.raises(PicochatError, match="no complete checkpoint at step 5"):
+        run(config(pretrain_dir, "net", resume_from_step=5, core_metric_every=10))
+    assert fetches == []
+    # with every flag right, the fetch fails with a message that says how to go on
+    with pytest.raises(PicochatError, match=r"could not download the eval bundle .*set PICOCHAT_EVAL_BUNDLE to a "
+                                            r"local copy of the bundle, or pass --core-metric-every -1"):
+        run(config(pretrain_dir, "net", core_metric_every=10))
+    assert fetches == [1]
+
+
 # ---------------------------------------------------------------------------
 # Errors
 
 
 def test_errors(home, pretrain_dir, monkeypatch, capsys):
-    with pytest.raises(PicochatError, match="--fp8 is not supported yet"):
-        run(config(pretrain_dir, "e", fp8=True))
     with pytest.raises(PicochatError, match="either --resume .* or --resume-from-step"):
         run(config(pretrain_dir, "e", resume=True, resume_from_step=3))
     with pytest.raises(PicochatError, match="valid --device-batch-size values: 1, 2, 4$"):
@@ -415,9 +424,12 @@ def test_errors(home, pretrain_dir, monkeypatch, capsys):
 
     # the CLI prints the one-line error, no traceback
     with pytest.raises(SystemExit) as exit_info:
-        cli.run(main, ["--fp8"])
+        cli.run(main, ["--resume", "--overwrite"])
     assert exit_info.value.code == 1
-    assert capsys.readouterr().err.strip() == "error: --fp8 is not supported yet (picochat trains in bf16/fp32)"
+    assert capsys.readouterr().err.strip() == "error: --overwrite starts over and --resume continues: pass one of them"
+    with pytest.raises(SystemExit) as exit_info:  # fp8 training does not exist: no flag promises it
+        main(["--fp8"])
+    assert exit_info.value.code == 2
 
     (home / "tokenizer" / "tokenizer.pkl").unlink()
     with pytest.raises(PicochatError, match="run `picochat tok-train` first"):
@@ -527,6 +539,9 @@ def write_multi_row_group_data(src, dst, train_group=100, val_group=16):
     return dst
 
 
+PEAK = 1e9  # FLOP/s per process in the 2-process runs
+
+
 def _train_rank(rank, world, ports, out_dir, kwargs, resume_step, fp16_kwargs, unsynced_found_inf=False):
     """One of the 2 processes: an uninterrupted run, a resume of it from resume_step, then a short
     fp16 run in which only rank 1's gradients overflow (at step 1)."""
@@ -537,7 +552,8 @@ def _train_rank(rank, world, ports, out_dir, kwargs, resume_step, fp16_kwargs, u
     from torch._inductor import config as inductor_config
 
     inductor_config.compile_threads = 1
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1")
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      PICOCHAT_PEAK_FLOPS=str(PEAK))  # a known peak, so the logged MFU can be checked by hand
     # the patches below live in this forked process only
     models = []
     build_model = base_train.build_model
@@ -568,14 +584,6 @@ def _train_rank(rank, world, ports, out_dir, kwargs, resume_step, fp16_kwargs, u
     run(TrainConfig(**fp16_kwargs))
     weights.append([p.detach().clone() for p in models[-1].parameters()])
     torch.save(weights, out_dir / f"rank{rank}.pt")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train_two_processes(out_dir, *args, timeout=300):
@@ -614,6 +622,13 @@ def test_two_processes_train_resume_and_skip_overflows_together(home, pretrain_d
     assert [r["step"] for r in full if "val_bpb" in r] == [0, 4, 8]
     assert full[-1]["val_bpb"] < full[0]["val_bpb"]
     assert deterministic(metrics(home, "ddp")) == deterministic(full)  # the resume: bit for bit
+    # the whole batch of both ranks is counted: 2 rows x 64 tokens x 2 processes per step, and MFU is
+    # model FLOPs over the peak of both processes
+    flops_per_token = GPT(config_from_depth(2, 1024, 64, head_dim=64, window_pattern="L")).estimate_flops()
+    for r in (r for r in full if "loss" in r):
+        assert r["tokens"] == 2 * 64 * 2 * (r["step"] + 1) and r["flops"] == flops_per_token * r["tokens"]
+        assert r["bf16_mfu"] == pytest.approx(100 * flops_per_token * 256 / r["dt"] / (2 * PEAK), rel=1e-12)
+        assert r["bf16_mfu"] > 0
 
     assert ckpt.complete_steps(ckpt_dir) == [k, n] and ckpt.load_meta(ckpt_dir, n)["world_size"] == 2
     shards = [torch.load(ckpt.optim_path(ckpt_dir, n, r), weights_only=False) for r in range(2)]
@@ -693,10 +708,64 @@ def test_resume_refuses_another_dtype_or_batch(home, pretrain_dir, monkeypatch):
                                             r"resume with the same dtype \(PICOCHAT_DTYPE=float32\)"):
         run(config(pretrain_dir, "dt", num_iterations=3, eval_every=-1, save_every=2, resume=True))
     monkeypatch.delenv("PICOCHAT_DTYPE")
-    with pytest.raises(PicochatError, match=r"total batch of 256 tokens, this run would use 512: resume with "
-                                            r"--total-batch-size 256"):
+    with pytest.raises(PicochatError, match=r"trained with other settings \(--total-batch-size 256 -> 512\)"):
         run(config(pretrain_dir, "dt", num_iterations=3, eval_every=-1, save_every=2, resume=True,
                    total_batch_size=512))
+
+
+def test_a_fresh_run_refuses_a_tag_with_checkpoints(home, pretrain_dir, capsys):
+    """Forgetting --resume after a crash must not wipe the run."""
+    run(config(pretrain_dir, "keep", num_iterations=3, eval_every=-1, save_every=2))
+    folder = home / "base_checkpoints" / "keep"
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    with pytest.raises(PicochatError, match=r"already has checkpoints \(steps 2, 3\): pass --resume to continue "
+                                            r"that run, --overwrite to delete them and start over"):
+        run(config(pretrain_dir, "keep", num_iterations=3, eval_every=-1, save_every=2))
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # not a byte changed
+    capsys.readouterr()
+    run(config(pretrain_dir, "keep", num_iterations=2, eval_every=-1, save_every=-1, overwrite=True))
+    assert "--overwrite: removed the 2 earlier checkpoint(s)" in capsys.readouterr().out
+    assert ckpt.complete_steps(folder) == [2]
+
+
+def test_resume_refuses_settings_that_change_the_run(home, pretrain_dir, tmp_path):
+    n = 6
+    same_text_elsewhere = shutil.copytree(pretrain_dir, tmp_path / "copy")
+    full = run(config(pretrain_dir, "flags", num_iterations=n, eval_every=3, save_every=3))
+    uninterrupted = metrics(home, "flags")
+    with pytest.raises(PicochatError, match=r"trained with other settings \(--matrix-lr 0\.2 -> 0\.3; "
+                                            r"--warmdown-ratio 0\.65 -> 0\.5\): resume with the checkpoint's values"):
+        run(config(pretrain_dir, "flags", num_iterations=n, matrix_lr=0.3, warmdown_ratio=0.5, resume_from_step=3))
+    for changed in (dict(seed=7), dict(num_iterations=8), dict(dataset=str(same_text_elsewhere)),
+                    dict(preset="jan29")):
+        with pytest.raises(PicochatError, match="trained with other settings|another model config"):
+            run(config(pretrain_dir, "flags", **(dict(num_iterations=n) | changed), resume_from_step=3))
+    # cadences and logging cannot change the trajectory: they may differ
+    resumed = run(config(pretrain_dir, "flags", num_iterations=n, eval_every=2, save_every=-1, sample_every=5,
+                         eval_tokens=512, resume_from_step=3, run="dummy"))
+    losses = lambda records: deterministic([r for r in records if "loss" in r])
+    assert losses(metrics(home, "flags")) == losses(uninterrupted)
+    assert resumed["step"] == full["step"] == n
+
+
+def test_the_tokenizer_is_part_of_a_checkpoint(home, pretrain_dir, small_tokenizer):
+    """A tokenizer retrained to the same size maps ids to other strings: resume and eval refuse it."""
+    run(config(pretrain_dir, "tok", num_iterations=2, eval_every=-1))
+    meta = ckpt.load_meta(home / "base_checkpoints" / "tok", 2)
+    assert meta["tokenizer"] == small_tokenizer.fingerprint()
+    texts = [t for batch in parquets_iter_batched("val", data_dir=pretrain_dir) for t in batch]
+    other = Tokenizer.train_from_iterator(texts, vocab_size=small_tokenizer.get_vocab_size())
+    assert other.get_vocab_size() == small_tokenizer.get_vocab_size()
+    assert other.fingerprint() != small_tokenizer.fingerprint()
+    other.save(home / "tokenizer")
+    message = "trained with another tokenizer than the one in \\$PICOCHAT_HOME"
+    with pytest.raises(PicochatError, match=message):
+        run(config(pretrain_dir, "tok", num_iterations=2, eval_every=-1, resume=True))
+    with pytest.raises(PicochatError, match=message):
+        ckpt.load_model("base", "cpu", torch.float32, model_tag="tok")
+    small_tokenizer.save(home / "tokenizer")
+    model, _, _ = ckpt.load_model("base", "cpu", torch.float32, model_tag="tok")
+    assert model.config.vocab_size == 1024
 
 
 def _resume_step_rank(rank, port, folders, cases, results):
@@ -705,9 +774,9 @@ def _resume_step_rank(rank, port, folders, cases, results):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         for resume_from_step in cases:
-            c = TrainConfig(resume=True, resume_from_step=resume_from_step)
             try:
-                results[rank, resume_from_step] = base_train.find_resume_step(c, folders[rank], rank, ddp=True)
+                results[rank, resume_from_step] = find_resume_step(folders[rank], True, resume_from_step, False,
+                                                                   rank, ddp=True)
             except PicochatError as e:
                 results[rank, resume_from_step] = str(e)
     finally:

@@ -1,7 +1,5 @@
 """Peak-FLOPs lookup on real device names, the compute dtype choice, the out-of-memory hint."""
 
-import math
-
 import pytest
 import torch
 
@@ -15,7 +13,8 @@ PEAKS = [
     ("NVIDIA H200", 989e12),
     ("NVIDIA H200 NVL", 836e12),
     ("NVIDIA GH200 480GB", 989e12),
-    ("NVIDIA H800", 756e12),
+    ("NVIDIA H800", 989e12),  # the SXM part: the reference table gave it the PCIe figure
+    ("NVIDIA H800 PCIe", 756e12),
     ("NVIDIA A100-SXM4-80GB", 312e12),
     ("NVIDIA A100 80GB PCIe", 312e12),
     ("NVIDIA A800-SXM4-80GB", 312e12),
@@ -33,19 +32,32 @@ PEAKS = [
     ("AMD Instinct MI325X", 1.3074e15),
     ("AMD Instinct MI355X", 2.5e15),
     ("AMD Instinct MI250X", 383e12),
-    # not in the table: the documented fallback is inf (MFU then reads 0)
-    ("NVIDIA A10G", math.inf),
-    ("NVIDIA RTX A4000", math.inf),  # substring matching gave the A40's 149.7e12
-    ("NVIDIA RTX A6000", math.inf),
-    ("Tesla V100-SXM2-16GB", math.inf),
-    ("NVIDIA H20", math.inf),
-    ("cpu", math.inf),
+    # not in the table: unknown, so MFU is n/a (not 0, as an infinite peak made it)
+    ("NVIDIA A10G", None),
+    ("NVIDIA RTX A4000", None),  # substring matching gave the A40's 149.7e12
+    ("NVIDIA RTX A6000", None),
+    ("Tesla V100-SXM2-16GB", None),
+    ("NVIDIA H20", None),
+    ("cpu", None),
+    # a MIG slice has only part of the GPU's SMs: the whole GPU's peak would understate its MFU
+    ("NVIDIA H100 80GB HBM3 MIG 3g.40gb", None),
+    ("NVIDIA A100-SXM4-40GB MIG 1g.5gb", None),
 ]
 
 
 @pytest.mark.parametrize("name,flops", PEAKS)
-def test_peak_flops_on_real_device_names(name, flops):
+def test_peak_flops_on_real_device_names(name, flops, monkeypatch):
+    monkeypatch.delenv("PICOCHAT_PEAK_FLOPS", raising=False)
     assert get_peak_flops(name) == flops
+
+
+def test_peak_flops_override(monkeypatch):
+    monkeypatch.setenv("PICOCHAT_PEAK_FLOPS", "1.5e12")
+    assert get_peak_flops("cpu") == get_peak_flops("NVIDIA H100 80GB HBM3") == 1.5e12
+    for bad in ("fast", "0", "-1", "inf"):
+        monkeypatch.setenv("PICOCHAT_PEAK_FLOPS", bad)
+        with pytest.raises(PicochatError, match="PICOCHAT_PEAK_FLOPS=.* is not a positive number"):
+            get_peak_flops("cpu")
 
 
 @pytest.fixture

@@ -4,14 +4,16 @@ ways in (folder, zip, URL)."""
 
 import dataclasses
 import http.server
+import json
 import shutil
 import threading
 import zipfile
 
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
-from conftest import shared_path
+from conftest import free_port
 
 from picochat import core_eval
 from picochat.common import PicochatError
@@ -20,10 +22,13 @@ N = 11  # examples per task: the fewest that 10-shot prompts allow
 
 
 @pytest.fixture
-def bundle(monkeypatch):
-    path = shared_path("eval_bundle")
-    monkeypatch.setenv("PICOCHAT_EVAL_BUNDLE", str(path))
-    return path
+def bundle(monkeypatch, core_bundle, tmp_path):
+    """The generated bundle (all 22 tasks, real format) less squad: 21 of 22 tasks, like the bundle
+    under ../shared."""
+    folder = shutil.copytree(core_bundle, tmp_path / "bundle")
+    (folder / "eval_data" / "reading_comprehension" / "squad.jsonl").unlink()
+    monkeypatch.setenv("PICOCHAT_EVAL_BUNDLE", str(folder))
+    return folder
 
 
 @pytest.fixture
@@ -33,6 +38,74 @@ def tasks(bundle):
 
 def present(tasks):
     return [t for t in tasks.values() if t.path.exists()]
+
+
+# Five hand-written items per task, in file order. Loading shuffles them with Random(1337) to
+# [1, 0, 3, 2, 4], and the two shots of example 0 are Random(1234).sample([1, 2, 3, 4], 2) == [4, 1]
+# of that list: item 1 of the file is asked, items 4 and 0 are its shots.
+def filler_mc(i):
+    return {"query": f"Question: filler {i}?", "choices": ["a", "b"], "gold": 0}
+
+
+HAND = {
+    "arc_easy": [
+        {"query": "Question: Which food contains the highest percentage of protein?",
+         "choices": ["bread", "chicken", "apple", "rice"], "gold": 1},
+        {"query": "Question: Charles Darwin made a number of observations and inferences during his travels. He "
+                  "studied island finches during a long period of time. Which statement is an inference?",
+         "choices": ["Individual birds have different colored feathers.",
+                     "Island finches have a large number of offspring.",
+                     "Individual birds of an island finch species have many differences.",
+                     "Island finches share a common ancestry with mainland finch species."], "gold": 3},
+        filler_mc(2), filler_mc(3),
+        {"query": "Question: Which would help conserve water?",
+         "choices": ["Turn off water while brushing teeth", "Take longer showers"], "gold": 0},
+    ],
+    "copa": [
+        filler_mc(0),
+        {"query": "Political violence broke out in the nation, therefore many citizens",
+         "choices": ["relocated to the capitol.", "took refuge in other territories."], "gold": 1},
+        filler_mc(2), filler_mc(3), filler_mc(4),
+    ],
+    "winograd": [
+        {"context_options": ["My meeting started at 4:00 and I needed to catch the train at 4:30, so there wasn't "
+                             "much time. Luckily, the meeting", "My meeting started at 4:00 and I needed to catch "
+                             "the train at 4:30, so there wasn't much time. Luckily, the train"],
+         "continuation": "was delayed, so it worked out.", "gold": 1},
+        {"context_options": ["In the storm, the tree fell down and crashed through the roof of my house. Now, I "
+                             "have to get the tree", "In the storm, the tree fell down and crashed through the "
+                             "roof of my house. Now, I have to get the roof"],
+         "continuation": "repaired.", "gold": 1},
+        {"context_options": ["a", "b"], "continuation": "filler 2.", "gold": 0},
+        {"context_options": ["a", "b"], "continuation": "filler 3.", "gold": 0},
+        {"context_options": ["The sun was covered by a thick cloud all morning, but luckily, by the time the "
+                             "picnic started, the sun", "The sun was covered by a thick cloud all morning, but "
+                             "luckily, by the time the picnic started, the cloud"],
+         "continuation": "was gone.", "gold": 1},
+    ],
+    "jeopardy": [
+        {"context": "SCIENCE: Vauquelin found Beryllium in 1798, the year after he found this, symbol Cr",
+         "continuation": "Chromium", "category": "science"},
+        {"context": "AMERICAN HISTORY: On Dec. 16, 1773 American patriots dumped 342 chests of tea into this "
+                    "citys harbor", "continuation": "Boston", "category": "history"},
+        {"context": "filler 2", "continuation": "two", "category": "x"},
+        {"context": "filler 3", "continuation": "three", "category": "x"},
+        {"context": "SCIENCE: This is the permanent removal of unwanted hair by destroying its roots with electric "
+                    "current", "continuation": "electrolysis", "category": "science"},
+    ],
+}
+
+
+@pytest.fixture
+def hand_tasks(tasks, tmp_path):
+    """The bundle's task definitions with the HAND items as their data."""
+    out = {}
+    for label, items in HAND.items():
+        path = tmp_path / "hand" / f"{label}.jsonl"
+        path.parent.mkdir(exist_ok=True)
+        path.write_text("".join(json.dumps(item) + "\n" for item in items))
+        out[label] = dataclasses.replace(tasks[label], path=path)
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -59,16 +132,15 @@ def test_centered():
 
 
 # ---------------------------------------------------------------------------
-# Prompts: shuffled with seed 1337, truncated, few-shot drawn with Random(1234 + idx).
-# For example 0 of a 5-item list, Random(1234).sample([1, 2, 3, 4], 2) == [4, 1].
+# Prompts: shuffled with seed 1337, truncated, few-shot drawn with Random(1234 + idx) (see HAND).
 
 
 def two_shot(task):
     return dataclasses.replace(task, num_fewshot=2)
 
 
-def test_render_multiple_choice(tasks):
-    task = two_shot(tasks["arc_easy"])
+def test_render_multiple_choice(hand_tasks):
+    task = two_shot(hand_tasks["arc_easy"])
     data = core_eval.load_examples(task, 5)
     prompts = core_eval.render_prompts(task.task_type, data[0], task.delimiter,
                                        core_eval.fewshot_examples(data, 0, 2))
@@ -84,8 +156,8 @@ def test_render_multiple_choice(tasks):
     ]
 
 
-def test_render_zero_shot_multiple_choice(tasks):
-    task = tasks["copa"]
+def test_render_zero_shot_multiple_choice(hand_tasks):
+    task = hand_tasks["copa"]
     data = core_eval.load_examples(task, 5)
     assert core_eval.render_prompts(task.task_type, data[0], task.delimiter, []) == [
         "Political violence broke out in the nation, therefore many citizens relocated to the capitol.",
@@ -93,8 +165,8 @@ def test_render_zero_shot_multiple_choice(tasks):
     ]
 
 
-def test_render_schema(tasks):
-    task = two_shot(tasks["winograd"])
+def test_render_schema(hand_tasks):
+    task = two_shot(hand_tasks["winograd"])
     data = core_eval.load_examples(task, 5)
     prompts = core_eval.render_prompts(task.task_type, data[0], task.delimiter,
                                        core_eval.fewshot_examples(data, 0, 2))
@@ -106,8 +178,8 @@ def test_render_schema(tasks):
     assert prompts == [shots + context + "tree repaired.", shots + context + "roof repaired."]
 
 
-def test_render_language_modeling(tasks):
-    task = two_shot(tasks["jeopardy"])
+def test_render_language_modeling(hand_tasks):
+    task = two_shot(hand_tasks["jeopardy"])
     data = core_eval.load_examples(task, 5)
     without, with_ = core_eval.render_prompts(task.task_type, data[0], task.delimiter,
                                               core_eval.fewshot_examples(data, 0, 2))
@@ -127,29 +199,29 @@ def test_render_language_modeling_trims_contexts():
         "Q: 1+1?\nAnswer: 2\n\nQ: 2+2?\nAnswer:", "Q: 1+1?\nAnswer: 2\n\nQ: 2+2?\nAnswer: 4"]
 
 
-def test_fewshot_pool_is_the_truncated_list(tasks):
-    data = core_eval.load_examples(tasks["copa"], 5)
+def test_fewshot_pool_is_the_truncated_list(hand_tasks):
+    data = core_eval.load_examples(hand_tasks["copa"], 5)
     shots = core_eval.fewshot_examples(data, 1, 2)
     assert shots == [data[4], data[3]]  # Random(1235).sample([0, 2, 3, 4], 2)
     with pytest.raises(PicochatError, match="at least 11 examples"):
         core_eval.fewshot_examples(data, 0, 10)
 
 
-def test_spans(tasks, small_tokenizer):
+def test_spans(hand_tasks, small_tokenizer):
     tok = small_tokenizer
     bos = tok.get_bos_token_id()
     for label, item_idx, expected in [
         ("copa", 0, [" relocated to the capitol.", " took refuge in other territories."]),
         ("winograd", 0, [" repaired.", " repaired."]),
     ]:
-        task = tasks[label]
+        task = hand_tasks[label]
         data = core_eval.load_examples(task, 5)
         [ex] = core_eval.prepare_examples(tok, task, data, [item_idx])
         assert all(row[0] == bos for row in ex.rows)
         assert [tok.decode(row[s:e]) for row, s, e in zip(ex.rows, ex.starts, ex.ends)] == expected
         assert ex.gold == data[item_idx]["gold"]
-    task = tasks["jeopardy"]
-    data = core_eval.load_examples(task, N)
+    task = two_shot(hand_tasks["jeopardy"])
+    data = core_eval.load_examples(task, 5)
     [ex] = core_eval.prepare_examples(tok, task, data, [0])
     assert len(ex.rows) == 1 and tok.decode(ex.rows[0][ex.starts[0]:ex.ends[0]]) == " Boston"
 
@@ -232,13 +304,13 @@ def test_uniform_model_picks_the_first_option(tasks, small_tokenizer):
         expected = 0.0 if task.task_type == "language_modeling" else sum(d["gold"] == 0 for d in data) / N
         assert result["tasks"][task.label]["accuracy"] == expected, task.label
         assert result["tasks"][task.label]["examples"] == N
-    assert result["metric_name"] == "CORE (partial, 21/22 tasks)"
+    assert result["metric_name"] == "CORE (partial: 21/22 tasks, at most 11 examples per task)"
     assert result["core"] is None and (result["num_tasks"], result["total_tasks"]) == (21, 22)
     expected_metric = sum(core_eval.centered(r["accuracy"], r["baseline"]) for r in result["tasks"].values()) / 21
     assert result["metric"] == pytest.approx(expected_metric)
     assert result["examples"] == 21 * N and result["examples_per_s"] > 0
     table = core_eval.format_table(result)
-    assert table.splitlines()[-1].startswith("CORE (partial, 21/22 tasks)") and "copa" in table
+    assert table.splitlines()[-1].startswith(result["metric_name"]) and "copa" in table
 
 
 def test_mean_loss_over_span_and_exact_match():
@@ -332,36 +404,36 @@ def bigram_model(vocab_size, seed=0):
     return lambda ids, packing=None: table[ids]  # depends on the current token only
 
 
-def test_full_and_partial_core(tmp_path, monkeypatch, small_tokenizer):
-    folder = make_bundle(shared_path("eval_bundle"), tmp_path / "two")
+def test_full_and_partial_core(tmp_path, monkeypatch, small_tokenizer, core_bundle):
+    folder = make_bundle(core_bundle, tmp_path / "two")
     monkeypatch.setenv("PICOCHAT_EVAL_BUNDLE", str(folder))
     model = bigram_model(small_tokenizer.get_vocab_size())
-    full = core_eval.evaluate_core(model, small_tokenizer, "cpu", max_per_task=20)
+    full = core_eval.evaluate_core(model, small_tokenizer, "cpu")
     assert full["metric_name"] == "CORE" and full["core"] == full["metric"]
     copa, winograd = full["tasks"]["copa"], full["tasks"]["winograd"]
     assert list(full["tasks"]) == ["copa", "winograd"]
     assert full["metric"] == pytest.approx((copa["centered"] + winograd["centered"]) / 2)
-    part = core_eval.evaluate_core(model, small_tokenizer, "cpu", max_per_task=20, tasks=["winograd"])
-    assert part["metric_name"] == "CORE (partial, 1/2 tasks)" and part["core"] is None
+    part = core_eval.evaluate_core(model, small_tokenizer, "cpu", tasks=["winograd"])
+    assert part["metric_name"] == "CORE (partial: 1/2 tasks)" and part["core"] is None
     assert part["tasks"]["winograd"]["accuracy"] == full["tasks"]["winograd"]["accuracy"]
 
 
-def test_bundle_from_zip(tmp_path, monkeypatch, picochat_home, small_tokenizer):
-    folder = make_bundle(shared_path("eval_bundle"), tmp_path / "two")
+def test_bundle_from_zip(tmp_path, monkeypatch, picochat_home, small_tokenizer, core_bundle):
+    folder = make_bundle(core_bundle, tmp_path / "two")
     model = bigram_model(small_tokenizer.get_vocab_size())
     monkeypatch.setenv("PICOCHAT_EVAL_BUNDLE", str(folder))
-    from_folder = core_eval.evaluate_core(model, small_tokenizer, "cpu", max_per_task=20)
+    from_folder = core_eval.evaluate_core(model, small_tokenizer, "cpu")
     monkeypatch.setenv("PICOCHAT_EVAL_BUNDLE", str(make_zip(folder, tmp_path / "bundle.zip")))
     assert core_eval.load_bundle() == picochat_home / "eval_bundle"
     assert (picochat_home / "eval_bundle" / "eval_data" / "commonsense_reasoning" / "copa.jsonl").is_file()
-    from_zip = core_eval.evaluate_core(model, small_tokenizer, "cpu", max_per_task=20)
+    from_zip = core_eval.evaluate_core(model, small_tokenizer, "cpu")
     assert {k: v["accuracy"] for k, v in from_zip["tasks"].items()} == {
         k: v["accuracy"] for k, v in from_folder["tasks"].items()}
     assert from_zip["metric_name"] == "CORE"
 
 
-def test_bundle_download_happens_once(tmp_path, monkeypatch, picochat_home):
-    payload = make_zip(make_bundle(shared_path("eval_bundle"), tmp_path / "two"), tmp_path / "b.zip").read_bytes()
+def test_bundle_download_happens_once(tmp_path, monkeypatch, picochat_home, core_bundle):
+    payload = make_zip(make_bundle(core_bundle, tmp_path / "two"), tmp_path / "b.zip").read_bytes()
     requests_seen = []
 
     class Handler(http.server.BaseHTTPRequestHandler):
@@ -430,17 +502,13 @@ def _rank_worker(rank, port, tokenizer, task, results):
 
 
 def test_ranks_split_the_examples(tasks, small_tokenizer):
-    import socket
-
     import torch.multiprocessing as mp
 
     task = tasks["arc_easy"]
     single = core_eval.evaluate_task(bigram_model(small_tokenizer.get_vocab_size()), small_tokenizer, task, "cpu",
                                      max_per_task=15, batch_tokens=4000).tolist()
     assert 0 < sum(single) < 15  # a real mix, so a wrong split would show
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     with mp.Manager() as manager:
         results = manager.dict()
         mp.spawn(_rank_worker, args=(port, small_tokenizer, task, results), nprocs=2)
@@ -489,3 +557,42 @@ def test_batched_and_packed_equal_one_at_a_time(tasks, small_tokenizer):
         if label == "arc_easy":
             assert max(len(row) for ex in examples for row in ex.rows) > 2 * 128
     assert decided >= 30  # the options' losses really differ, so the comparison means something
+
+
+# ---------------------------------------------------------------------------
+# A model shorter than the prompts: rows are cropped to their last tokens, as in the reference
+
+
+def test_crop_keeps_the_last_tokens_and_shifts_spans():
+    example = core_eval.Example(rows=[[1, 2, 3, 4, 5, 6], [1, 2, 3]], starts=[4, 1], ends=[6, 3], gold=0)
+    cropped = core_eval.crop(example, 4)
+    assert (cropped.rows, cropped.starts, cropped.ends) == ([[3, 4, 5, 6], [1, 2, 3]], [2, 1], [4, 3])
+    # a span reaching into the cut keeps one token before it to be predicted from
+    cropped = core_eval.crop(core_eval.Example([[1, 2, 3, 4, 5]], [2], [5], 0), 3)
+    assert (cropped.rows, cropped.starts, cropped.ends) == ([[3, 4, 5]], [1], [3])
+
+
+def test_a_short_context_model_runs_every_task(core_bundle, monkeypatch, small_tokenizer):
+    """A model with T=8 (rotary table 80) on the full 22-task CORE, whose long tasks have prompts
+    of hundreds of tokens; a cropped row scores as a plain forward over its last 80 tokens."""
+    monkeypatch.setenv("PICOCHAT_EVAL_BUNDLE", str(core_bundle))
+    tok = small_tokenizer
+    model = random_gpt(tok.get_vocab_size(), seq_len=8)
+    assert model.rotary_len == 80
+    result = core_eval.evaluate_core(model, tok, "cpu")
+    assert result["metric_name"] == "CORE" and len(result["tasks"]) == 22
+    assert all(r["examples"] == 12 for r in result["tasks"].values())
+
+    task = {t.label: t for t in core_eval.load_tasks(core_bundle)}["hellaswag"]
+    data = core_eval.load_examples(task)
+    [full] = core_eval.prepare_examples(tok, task, data, [0])
+    assert min(len(row) for row in full.rows) > 80
+    [cropped] = core_eval.prepare_examples(tok, task, data, [0], max_len=80)
+    [(means, _)] = core_eval.score_examples(model, [cropped], tok.get_bos_token_id(), "cpu")
+    with torch.no_grad():
+        for row, start, end, mean in zip(full.rows, full.starts, full.ends, means):
+            cut = len(row) - 80
+            ids = torch.tensor([row[cut:]])
+            logits = model(ids)[0]
+            by_hand = F.cross_entropy(logits[start - cut - 1:end - cut - 1], ids[0, start - cut:end - cut])
+            assert mean == pytest.approx(by_hand.item(), rel=1e-5)

@@ -17,21 +17,19 @@ from picochat.common import PicochatError
 from picochat.dataset import (
     DATASETS,
     DatasetSpec,
-    DownloadConfig,
     Interrupted,
     convert_to_parquet,
     data_dir_for,
     download_shards,
     fetch_shard,
     list_parquet_files,
-    main,
     num_row_groups,
     parquets_iter_batched,
     read_row_group_texts,
-    run,
     shard_indices,
     split_files,
 )
+from picochat.stages.download import DownloadConfig, main, run
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -110,8 +108,12 @@ def test_real_shards(pretrain_dir):
     assert read_row_group_texts(train_file, len(batches) - 1) == batches[-1]
 
 
-def test_listing_errors(tmp_path):
-    with pytest.raises(PicochatError, match="does not exist.*picochat download"):
+def test_listing_errors(tmp_path, picochat_home):
+    # picochat download fills a named dataset's folder, never a folder of the user's own
+    with pytest.raises(PicochatError, match="does not exist: run `picochat download` first"):
+        list_parquet_files(data_dir_for("fineweb-edu"))
+    with pytest.raises(PicochatError, match=r"does not exist \(give a named dataset, fineweb-edu or climbmix, or an "
+                                            r"existing folder of parquet files\)$"):
         list_parquet_files(tmp_path / "nowhere")
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -346,8 +348,9 @@ def test_download_config_errors(tmp_path, picochat_home, capsys, monkeypatch):
     run(DownloadConfig(dataset=str(tmp_path / "mine")))
     out = capsys.readouterr().out
     assert "nothing to download" in out and "2 training file(s)" in out and "shard_00002.parquet" in out
-    with pytest.raises(PicochatError, match="does not exist.*picochat download"):
+    with pytest.raises(PicochatError, match="does not exist") as missing:
         run(DownloadConfig(dataset=str(tmp_path / "missing")))
+    assert "picochat download" not in str(missing.value)
 
 
 def test_cli_help_and_one_line_error(tmp_path, capsys):

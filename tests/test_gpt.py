@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from picochat.common import PicochatError
-from picochat.gpt import GPT, RECIPES, GPTConfig, build_model, config_from_depth, window_sizes
+from picochat.gpt import GPT, GPTConfig, build_model, config_from_depth, window_sizes
+from picochat.recipes import RECIPES
 
 # A small model that still exercises every feature: GQA (4 query heads on 2 kv heads), a sliding
 # window that bites (S = ceil(256/4/128)*128 = 128 < T = 256), value embeddings on layers 1 and 3,
@@ -477,20 +478,6 @@ def test_optimizer_groups_default():
     assert sorted(all_ids) == sorted(id(p) for p in model.parameters())
 
 
-def test_recipe_schedules():
-    # the current reference (spec sections 6.3, 7.1, 7.3) and the Jan-29 record (read off the spec's history)
-    fields = ("momentum_start", "momentum_peak", "momentum_warmup", "momentum_final", "wd_schedule", "wd_scaling",
-              "polar_express_norm", "muon_eq", "muon_plus")
-    flags = ("warmup_steps", "warmdown_ratio", "final_lr_frac", "weight_decay")
-    default, jan29 = RECIPES["default"], RECIPES["jan29"]
-    assert [getattr(default, f) for f in fields] == [0.85, 0.97, 400, 0.90, "cosine", "t_epoch", 1.01, True, True]
-    assert [default.train_defaults[f] for f in flags] == [40, 0.65, 0.05, 0.28]
-    assert [getattr(jan29, f) for f in fields] == [0.85, 0.95, 300, 0.95, "linear", "depth_squared", 1.02, False,
-                                                   False]
-    assert [jan29.train_defaults[f] for f in flags] == [0, 0.4, 0.0, 0.2]
-    assert all(set(r.train_defaults) == set(default.train_defaults) for r in RECIPES.values())
-
-
 def test_optimizer_groups_jan29():
     model = tiny(GPTConfig(**dict(TINY.__dict__, preset="jan29")))
     dls = (128 / 768) ** -0.5
@@ -512,3 +499,64 @@ def test_setup_optimizer_builds_muon_adamw():
     assert isinstance(opt, optim.MuonAdamW)
     assert len(opt.param_groups) == len(model.optimizer_groups())
     assert all(g["initial_lr"] == g["lr"] for g in opt.param_groups)
+
+
+# ---------------------------------------------------------------------------
+# Same seed, same weights as the reference (spec 5.3): its order of draws, its float arithmetic
+
+
+@pytest.mark.parametrize("preset", ["default", "jan29"])
+def test_init_draws_in_the_reference_order(preset):
+    config = GPTConfig(**dict(TINY.__dict__, preset=preset))
+    model = tiny(config, seed=42)
+    r, d, L = RECIPES[preset], config.n_embd, config.n_layer
+    s = math.sqrt(3 / d)
+    V = model.padded_vocab
+    kv = config.n_kv_head * (d // config.n_head)
+    # the reference's sequence, drawn by hand from the same seed
+    torch.manual_seed(42)
+    draw = lambda *shape: torch.empty(*shape)
+    want = {"transformer.wte.weight": draw(V, d).normal_(0, r.wte_std),
+            "lm_head.weight": draw(V, d).normal_(0, 0.001)}
+    for i in range(L):
+        for name in ("c_q", "c_k", "c_v"):
+            rows = d if name == "c_q" else kv
+            want[f"transformer.h.{i}.attn.{name}.weight"] = draw(rows, d).uniform_(-s, s)
+        want[f"transformer.h.{i}.mlp.c_fc.weight"] = draw(4 * d, d).uniform_(-r.c_fc_scale * s, r.c_fc_scale * s)
+    if r.smear:
+        want["smear_gate.weight"] = draw(1, 24).uniform_(0, 0.02)
+    for i in model.value_embeds:
+        want[f"value_embeds.{i}.weight"] = draw(V, kv).uniform_(-s, s)
+    for i, block in enumerate(model.transformer.h):
+        if block.attn.ve_gate is not None:
+            want[f"transformer.h.{i}.attn.ve_gate.weight"] = draw(config.n_kv_head, r.ve_gate_channels).uniform_(
+                0, r.ve_gate_init)
+    state = model.state_dict()
+    assert len(want) > 3 * L
+    for name, value in want.items():
+        assert torch.equal(state[name], value), name
+    # and nothing else drawn: the projections start at zero
+    assert all(not state[f"transformer.h.{i}.{p}.c_proj.weight"].any() for i in range(L) for p in ("attn", "mlp"))
+
+
+def test_lambda_ramps_are_computed_in_python_floats():
+    for L in (1, 4, 12, 24):
+        config = GPTConfig(**dict(TINY.__dict__, n_layer=L))
+        model = tiny(config)
+        # spec 5.3: 1.15 - 0.10 i / (L - 1) and 0.20 - 0.15 i / (L - 1), each rounded once to fp32
+        resid = torch.tensor([1.15 - 0.10 * i / max(L - 1, 1) for i in range(L)], dtype=torch.float32)
+        x0 = torch.tensor([0.20 - 0.15 * i / max(L - 1, 1) for i in range(L)], dtype=torch.float32)
+        assert torch.equal(model.resid_lambdas.data, resid) and torch.equal(model.x0_lambdas.data, x0)
+    assert model.x0_lambdas[0] == torch.tensor(0.20) and model.x0_lambdas[-1] == torch.tensor(0.05)
+    assert model.backout_lambda.item() == pytest.approx(0.2) and model.smear_lambda.item() == 0.0
+
+
+def test_rotary_frequencies_match_the_reference_formula():
+    model = tiny()
+    head_dim = TINY.n_embd // TINY.n_head
+    i = torch.arange(0, head_dim, 2, dtype=torch.float32)
+    inv_freq = 1 / (RECIPES["default"].rope_theta ** (i / head_dim))  # as the reference writes it
+    angles = torch.outer(torch.arange(model.rotary_len, dtype=torch.float32), inv_freq)
+    assert torch.equal(model.cos[0, :, 0, :], angles.cos()) and torch.equal(model.sin[0, :, 0, :], angles.sin())
+    # the algebraically equal theta^(-i/d) is not the same in fp32, so the formula matters
+    assert not torch.equal(inv_freq, RECIPES["default"].rope_theta ** (-i / head_dim))

@@ -2,13 +2,13 @@
 
 import math
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from conftest import free_port
 
 from picochat.loss_eval import evaluate_bpb
 
@@ -87,12 +87,6 @@ def _rank_worker(rank, port, results):
         results[rank] = evaluate_bpb(FixedModel(), mine, 1, TOKEN_BYTES)
     finally:
         dist.destroy_process_group()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_sums_across_ranks():

@@ -5,12 +5,12 @@ cautious weight decay, and a 1-process run on the full batch for the 2-process
 
 import io
 import math
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import free_port
 from torch._dynamo.utils import counters
 
 from picochat.common import PicochatError
@@ -404,12 +404,6 @@ def test_state_dict_round_trip_is_bitwise():
 
 # ---------------------------------------------------------------------------
 # Distributed: 2 gloo ranks, each on half the batch, against 1 process on all of it
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def dist_worker(rank, world, port, out_dir, steps):

@@ -1,4 +1,4 @@
-"""The BPE tokenizer and the chat format, on tokenizers trained on real text."""
+"""The BPE tokenizer and the chat format, on tokenizers trained on generated text."""
 
 import collections
 import pickle
@@ -7,7 +7,7 @@ import pytest
 import regex
 import tiktoken
 import torch
-from conftest import shared_path
+from synthetic import TextGenerator
 
 from picochat.common import PicochatError
 from picochat.tokenizer import (
@@ -32,15 +32,15 @@ MIXED_TEXTS = [
 ]
 
 
-def shakespeare(chars=None) -> str:
-    text = shared_path("pretrain", "tinyshakespeare.txt").read_text(encoding="utf-8")
-    return text if chars is None else text[:chars]
+def generated_text(chars=300_000) -> str:
+    """English-like paragraphs (see synthetic.TextGenerator), with numbers and accented words."""
+    return TextGenerator(seed=5).document(chars)[:chars]
 
 
 @pytest.fixture(scope="module")
 def tok():
-    """A 256 + 300 + 9 vocab trained on Tiny Shakespeare, split into paragraphs."""
-    return Tokenizer.train_from_iterator(shakespeare().split("\n\n"), vocab_size=256 + 300 + 9)
+    """A 256 + 300 + 9 vocab trained on generated text, split into paragraphs."""
+    return Tokenizer.train_from_iterator(generated_text().split("\n\n"), vocab_size=256 + 300 + 9)
 
 
 def slow_bpe_vocab(text: str, num_merges: int) -> list[bytes]:
@@ -71,7 +71,7 @@ def slow_bpe_vocab(text: str, num_merges: int) -> list[bytes]:
 
 
 def test_merges_match_textbook_bpe():
-    text = shakespeare(20_000) + " 1234567 3.14159 你好，世界 🚀🚀"
+    text = generated_text(20_000) + " 1234567 3.14159 你好，世界 🚀🚀"
     expected = slow_bpe_vocab(text, 100)
     t = Tokenizer.train_from_iterator([text], vocab_size=256 + 100 + 9)
     assert [t.decode_single_token_bytes(i) for i in range(256 + 100)] == expected
@@ -273,6 +273,15 @@ def test_render_for_completion(small_tokenizer):
     assert prompt == full_ids[:-last_answer]
     with pytest.raises(ConversationError, match="ends with an assistant"):
         small_tokenizer.render_for_completion({"messages": [{"role": "user", "content": "hi"}]})
+
+
+def test_render_for_completion_truncates_before_the_assistant_start(small_tokenizer):
+    """As in the reference: the conversation is cut to 2,048 tokens, then <|assistant_start|> follows."""
+    long = {"messages": [{"role": "user", "content": "word " * 3000}, {"role": "assistant", "content": "ok"}]}
+    full, _ = small_tokenizer.render_conversation({"messages": long["messages"][:1] + [ASSISTANT]}, max_tokens=10**6)
+    prompt = small_tokenizer.render_for_completion(long)
+    assert len(full) > 2049 and len(prompt) == 2049
+    assert prompt == full[:2048] + [small_tokenizer.encode_special("<|assistant_start|>")]
 
 
 USER, ASSISTANT = {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}

@@ -5,7 +5,7 @@
 
 Results go to $PICOCHAT_HOME/base_eval/<model-tag>/:
   base_model_<step:06d>.csv   CORE table: "Task, Accuracy, Centered" rows, then the CORE row
-                              (labelled "CORE (partial, n/22 tasks)" when tasks were left out)
+                              (labelled "CORE (partial: ...)" when tasks were left out or capped)
   base_model_<step:06d>.json  everything measured; a later run on the same checkpoint updates
                               the sections it recomputes (core, bpb, samples) and keeps the rest
 Runs as one process or under torchrun (CORE examples and bpb batches are split across ranks).
@@ -20,52 +20,18 @@ import time
 from dataclasses import asdict, dataclass
 
 from picochat import checkpoint
+from picochat.cli import HelpFormatter
 from picochat.common import PicochatError, compute_cleanup, compute_init, get_base_dir, out_of_memory_hint, print0
 from picochat.core_eval import BATCH_TOKENS, evaluate_core, format_table, load_bundle, load_tasks, select_tasks
 from picochat.dataloader import DataLoader
 from picochat.dataset import DEFAULT_DATASET
 from picochat.loss_eval import evaluate_bpb
+from picochat.sampling import sample_completions, sample_unconditional
 
 EVALS = ("core", "bpb", "sample")
-SAMPLE_PROMPTS = [
-    "The capital of France is",
-    "The chemical symbol of gold is",
-    "If yesterday was Friday, then tomorrow will be",
-    "The opposite of hot is",
-    "The planets of the solar system are:",
-    "My favorite color is",
-    "If 5*x + 3 = 13, then x is",
-]
-
-
-def _generate(model, tokens, bos, max_tokens, temperature, seed=42) -> list[int]:
-    """Tokens sampled after `tokens`, stopping before a BOS (the start of another document)."""
-    out = []
-    for token in model.generate(tokens, max_tokens, temperature=temperature, seed=seed):
-        if token == bos:
-            break
-        out.append(token)
-    return out
-
-
-def sample_completions(model, tokenizer, device=None, prompts=SAMPLE_PROMPTS, max_tokens: int = 16):
-    """[(prompt, greedy continuation)] for each prompt. `device` is accepted for symmetry with the
-    other evals; generation runs wherever the model's weights are."""
-    bos = tokenizer.get_bos_token_id()
-    return [(p, tokenizer.decode(_generate(model, tokenizer.encode(p, prepend=bos), bos, max_tokens, 0.0)))
-            for p in prompts]
-
-
-def sample_unconditional(model, tokenizer, num_samples: int = 8, max_tokens: int = 128, temperature: float = 1.0):
-    """Texts sampled from BOS alone, each with its own seed."""
-    bos = tokenizer.get_bos_token_id()
-    return [tokenizer.decode(_generate(model, [bos], bos, max_tokens, temperature, seed=i))
-            for i in range(num_samples)]
-
-
 def write_core_csv(result: dict, path):
     """The reference's layout: "Task, Accuracy, Centered" columns padded for reading, one row per
-    task, then the CORE row. A partial CORE's label has a comma, so the csv module quotes it;
+    task, then the CORE row. A partial CORE's label has commas, so the csv module quotes it;
     readers strip the padding."""
     rows = [("Task", "Accuracy", "Centered")]
     rows += [(label, f"{r['accuracy']:.6f}", f"{r['centered']:.6f}") for label, r in result["tasks"].items()]
@@ -127,7 +93,7 @@ def run(c: BaseEvalConfig) -> dict:
         record = {"model_tag": tag, "step": step}
 
         if "sample" in evals and rt.master:
-            completions = sample_completions(model, tokenizer, rt.device)
+            completions = sample_completions(model, tokenizer)
             unconditional = sample_unconditional(model, tokenizer, c.num_samples)
             print0("\nconditioned samples (greedy):")
             for prompt, completion in completions:
@@ -181,7 +147,8 @@ def run(c: BaseEvalConfig) -> dict:
 def main(argv=None):
     d = BaseEvalConfig()
     p = argparse.ArgumentParser(prog="picochat base-eval", description="Evaluate a base model: CORE, bits per "
-                                "byte, samples. Results go to $PICOCHAT_HOME/base_eval/<model-tag>/.")
+                                "byte, samples. Results go to $PICOCHAT_HOME/base_eval/<model-tag>/.",
+                                formatter_class=HelpFormatter)
     p.add_argument("--eval", default=d.eval, help=f"comma-separated subset of {','.join(EVALS)}")
     p.add_argument("--model-tag", default=d.model_tag, help="checkpoint folder (default: the largest d<N>)")
     p.add_argument("--step", type=int, default=d.step, help="checkpoint step (default: the last one)")

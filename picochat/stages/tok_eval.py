@@ -25,7 +25,6 @@ KOREAN = """\
 CODE = '''\
 import heapq
 
-
 def dijkstra(graph: dict[str, list[tuple[str, float]]], source: str) -> dict[str, float]:
     """Shortest distance from source to every reachable node (non-negative weights)."""
     dist = {source: 0.0}
@@ -136,7 +135,11 @@ def run(config: TokEvalConfig) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="picochat tok-eval", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="picochat tok-eval",
+        description="How well our tokenizer compresses text (bytes per token, "
+                    "higher is better) next to GPT-2's and GPT-4's, on a few fixed samples and on "
+                    "the first row group of the train and val splits of the pretraining data.")
     parser.add_argument("--dataset", default=TokEvalConfig.dataset,
                         help="fineweb-edu, climbmix, or the path of a folder of parquet files, for the train/val "
                              "rows (default: %(default)s)")

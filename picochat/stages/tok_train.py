@@ -1,5 +1,6 @@
-"""`picochat tok-train`: train the BPE tokenizer on the first --max-chars characters
-of the pretraining data's train split and save it to $PICOCHAT_HOME/tokenizer."""
+"""`picochat tok-train`: train the BPE tokenizer on the pretraining data's train split (documents
+in order, each cut to --doc-cap characters, until more than --max-chars characters in all) and
+save it to $PICOCHAT_HOME/tokenizer."""
 
 import argparse
 import time
@@ -28,15 +29,17 @@ class TokTrainConfig:
 
 
 def training_texts(config: TokTrainConfig):
-    """Documents of the train split, each cut to doc_cap characters, until max_chars characters in all."""
+    """Documents of the train split, each cut to doc_cap characters, until the total exceeds max_chars:
+    the document that crosses it is kept whole (up to doc_cap), as the reference does, so the same
+    flags on the same text give the same merges."""
     data_dir = data_dir_for(config.dataset)
     seen = 0
     for batch in parquets_iter_batched("train", data_dir=data_dir):
         for doc in batch:
-            doc = doc[:min(config.doc_cap, config.max_chars - seen)]
+            doc = doc[:config.doc_cap]
             seen += len(doc)
             yield doc
-            if seen >= config.max_chars:
+            if seen > config.max_chars:
                 return
 
 
@@ -58,7 +61,7 @@ def run(config: TokTrainConfig) -> Tokenizer:
     if next(parquets_iter_batched("train", data_dir=data_dir_for(config.dataset)), None) is None:
         raise PicochatError(f"the train split of {config.dataset} has no rows")
 
-    print0(f"training a {config.vocab_size}-token BPE on up to {config.max_chars:,} characters of "
+    print0(f"training a {config.vocab_size}-token BPE on about {config.max_chars:,} characters of "
            f"{config.dataset} (documents cut to {config.doc_cap:,} characters)")
     chars = 0
 
@@ -83,28 +86,33 @@ def run(config: TokTrainConfig) -> Tokenizer:
     out_dir = get_tokenizer_dir()
     tokenizer.save(out_dir)
     token_bytes = tokenizer.token_bytes()
-    ordinary = token_bytes[token_bytes > 0].float()
+    entries = token_bytes[token_bytes > 0].float()
+    # the length of the vocabulary's entries, not compression (tok-eval measures that on text)
     print0(f"saved {out_dir / 'tokenizer.pkl'} and {out_dir / 'token_bytes.pt'} (vocab {tokenizer.get_vocab_size()}; "
-           f"bytes per ordinary token: min {int(ordinary.min())}, max {int(ordinary.max())}, "
-           f"mean {ordinary.mean():.2f})")
+           f"length of the non-special vocabulary entries in bytes: min {int(entries.min())}, "
+           f"max {int(entries.max())}, mean {entries.mean():.2f})")
     return tokenizer
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="picochat tok-train", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="picochat tok-train",
+        description="Train the BPE tokenizer on the pretraining data's train "
+                    "split (documents in order, each cut to --doc-cap characters, until more than "
+                    "--max-chars characters in all) and save it to $PICOCHAT_HOME/tokenizer.")
     parser.add_argument("--max-chars", type=count, default=TokTrainConfig.max_chars,
-                        help="train on the first this many characters of the train split (default: %(default)s)")
+                        help="train on the train split's documents until just past this many characters "
+                             "(default: %(default)s)")
     parser.add_argument("--doc-cap", type=int, default=TokTrainConfig.doc_cap,
                         help="cut each document to this many characters (default: %(default)s)")
     parser.add_argument("--vocab-size", type=int, default=TokTrainConfig.vocab_size,
                         help="total vocabulary size, 9 special tokens included (default: %(default)s)")
     parser.add_argument("--dataset", default=TokTrainConfig.dataset,
                         help="fineweb-edu, climbmix, or the path of a folder of parquet files (default: %(default)s)")
-    args = parser.parse_args(argv)
-    run(TokTrainConfig(max_chars=args.max_chars, doc_cap=args.doc_cap, vocab_size=args.vocab_size,
-                       dataset=args.dataset))
+    run(TokTrainConfig(**vars(parser.parse_args(argv))))
 
 
 if __name__ == "__main__":
     from picochat import cli
+
     cli.run(main)

@@ -1,9 +1,8 @@
 """Shared fixtures. Every test builds its own data (tests/synthetic.py): a generated pretraining
-corpus, a tokenizer trained on it in seconds, a 22-task CORE bundle in the real format. The real
-data under ../shared/data (see its MANIFEST.md) only feeds optional larger checks through
-shared_path, which skips where it is absent, except under CI=true, where it fails."""
+corpus, a tokenizer trained on it in seconds, a 22-task CORE bundle in the real format. No test
+reads ../shared or the network, so a plain clone runs all of them; larger checks on real data
+are benchmarks (bench/)."""
 
-import os
 import socket
 from pathlib import Path
 
@@ -11,17 +10,6 @@ import pytest
 from synthetic import write_core_bundle, write_corpus
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED_DATA = Path(os.environ.get("PICOCHAT_SHARED_DATA", REPO.parent / "shared" / "data"))
-
-
-def shared_path(*parts) -> Path:
-    """A path inside ../shared/data, for an optional check on real data."""
-    path = SHARED_DATA.joinpath(*parts)
-    if not path.exists():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true and the shared test data is missing: {path}")
-        pytest.skip(f"shared test data not found: {path}")
-    return path
 
 
 def free_port() -> int:

@@ -15,7 +15,9 @@ Sections:
 2. attention fwd+bwd: each backend (fa3, flex, sdpa) alone at T=2048, for the two windows of the
    SSSL pattern
 3. loss falls: d12 training steps on one fixed, learnable batch; the loss must end below ln 256
-4. KV-cache decode: skipped until there is an inference engine
+4. KV-cache decode (bench_engine.py): prefill tok/s and time to first token at contexts 128 and
+   1024, decode tok/s at batch 1/8/32 against full recomputation, and batch 1 against the
+   bandwidth roofline (weight + KV bytes per step over peak memory bandwidth), for d12 and d24
 5. 2-GPU NCCL step: two data-parallel steps of picochat's sharded MuonAdamW in 2 processes; every
    parameter must move and end identical on both ranks
 
@@ -48,6 +50,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import bench_engine  # bench/ is on sys.path when this file runs as a script
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -84,15 +87,20 @@ class Sizes:
     loss_steps: int
     attention_batch: int
     compile: bool
+    decode_contexts: tuple
+    decode_batches: tuple
+    decode_steps: int
 
 
 GPU = Sizes(depths=(12, 24), seq_len=2048, vocab_size=32768, head_dim=128, batches=(32, 16, 8, 4, 2, 1), warmup=3,
-            steps=10, loss_steps=30, attention_batch=16, compile=True)
+            steps=10, loss_steps=30, attention_batch=16, compile=True, decode_contexts=(128, 1024),
+            decode_batches=(1, 8, 32), decode_steps=32)
 # The model runs eager here: compiling even a depth-2 GPT takes ~50 s on 2 cold CPU cores, on top
 # of the ~25 s that MuonAdamW's kernels (compiled always) take. At T=256 the S window (128: windows
 # come in multiples of 128) is shorter than the context, so the windowed attention paths run too.
 SMOKE = Sizes(depths=(2,), seq_len=256, vocab_size=512, head_dim=64, batches=(4, 2), warmup=1, steps=2,
-              loss_steps=15, attention_batch=2, compile=False)
+              loss_steps=15, attention_batch=2, compile=False, decode_contexts=(16, 64), decode_batches=(1, 2),
+              decode_steps=3)
 
 
 def skipped(why: str) -> dict:
@@ -275,6 +283,24 @@ class Checks:
                            f"(must end below ln {LEARNABLE_TOKENS} = {bar:.2f}, the loss of knowing only which "
                            f"tokens occur)"}
 
+    def kv_decode(self, depth: int) -> dict:
+        rt, s = self.rt, self.sizes
+        config = config_from_depth(depth, s.vocab_size, s.seq_len, head_dim=s.head_dim)
+        model = build_model(config, rt.device, rt.dtype).cast_for_inference()
+        bandwidth = bench_engine.peak_bandwidth(device_name(rt.device))
+        result = bench_engine.measure(model, s.decode_contexts, s.decode_batches, s.decode_steps, 2, bandwidth)
+        parts = []
+        for prefill in result["prefill"]:
+            rows = [r for r in result["decode"] if r["context"] == prefill["context"]]
+            decode = ", ".join(f"B={r['batch']} {r['decode_tok_per_s']:,.0f} tok/s ({r['speedup']:.0f}x recompute"
+                               + (f", {r['roofline_fraction']:.0%} of roofline {r['roofline_tok_per_s']:,.0f}"
+                                  if "roofline_fraction" in r else "") + ")" for r in rows)
+            parts.append(f"ctx {prefill['context']}: prefill {prefill['prefill_tok_per_s']:,.0f} tok/s, "
+                         f"TTFT {prefill['ttft_ms']:.1f} ms; {decode}")
+        growth = ", ".join(f"B={b} {g:.2f}x" for b, g in result["decode_growth_longest_vs_shortest"].items())
+        parts.append(f"step cost ctx {max(s.decode_contexts)} / {min(s.decode_contexts)}: {growth}")
+        return {"status": "ok", "depth": depth, **result, "summary": f"d{depth}: " + "; ".join(parts)}
+
     def nccl_step(self) -> dict:
         visible = torch.cuda.device_count()
         if self.rt.device.type != "cuda" or visible < 2:
@@ -425,9 +451,10 @@ def plan(checks: Checks, sizes: Sizes, sections: set) -> list:
     items = [Item("throughput", f"d{first} {s}", lambda s=s: checks.throughput(first, s)) for s in SETTINGS]
     items.append(Item("loss", f"d{first}", checks.loss_falls))
     items += [Item("attention", b, lambda b=b: checks.attention_op(b)) for b in attention.BACKENDS]
-    items.append(Item("kv_decode", "decode tok/s", lambda: skipped("no engine yet")))
+    items.append(Item("kv_decode", f"d{first}", lambda: checks.kv_decode(first)))
     items.append(Item("nccl", "2 ranks", checks.nccl_step))
     items += [Item("throughput", f"d{d} {s}", lambda d=d, s=s: checks.throughput(d, s)) for d in rest for s in SETTINGS]
+    items += [Item("kv_decode", f"d{d}", lambda d=d: checks.kv_decode(d)) for d in rest]
     for item in items:
         if item.section not in sections:
             item.result = skipped("not in --sections")

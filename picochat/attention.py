@@ -282,6 +282,25 @@ def sdpa_packed_attention(q, k, v, mask):
     return y.transpose(1, 2)
 
 
+def cached_attention(q, k_cache, v_cache, pos: int, window: int):
+    """Attention for T new queries (B, T, H, D) at positions pos..pos+T-1 over a KV cache that
+    already holds their keys and values, (B, Hkv, >= pos+T, D): the layout SDPA reads, so a slice
+    needs no copy. Query p sees the cached keys c with p - window <= c <= p, exactly the keys
+    training's causal sliding window gives it. SDPA on every device (FA3's cached kernel would be
+    faster on Hopper: not used yet); only the keys a window can reach are read."""
+    T = q.size(1)
+    end = pos + T
+    start = 0 if window < 0 else max(0, pos - window)
+    k, v = k_cache[:, :, start:end], v_cache[:, :, start:end]
+    mask = None
+    if T > 1:  # a decode step (T = 1) sees every key of its slice
+        r = torch.arange(pos, end, device=q.device)[:, None]
+        c = torch.arange(start, end, device=q.device)[None, :]
+        mask = (c <= r) & ((r - c <= window) if window >= 0 else True)
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, enable_gqa=q.size(2) != k.size(1))
+    return y.transpose(1, 2)
+
+
 # Without compile, flex_attention materializes the full score matrix; compiled it is a fused kernel.
 # Default (automatic) dynamic shapes: training compiles once for its fixed T, and the first other
 # length recompiles once with a symbolic T, so evals and generation do not recompile per length.

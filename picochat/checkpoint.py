@@ -31,6 +31,7 @@ from picochat.tokenizer import get_tokenizer
 
 # which training stage wrote a checkpoint (the chat stages' -i/--source flag)
 SOURCES = ("base", "sft", "rl")
+TRAINED_BY = {"base": "picochat base-train", "sft": "picochat chat-sft", "rl": "picochat chat-rl"}
 
 MODEL_RE = re.compile(r"model_(\d+)\.pt")
 META_RE = re.compile(r"meta_(\d+)\.json")
@@ -98,13 +99,18 @@ def find_latest_tag(stage: str) -> str | None:
     return max(tags, key=lambda p: p.stat().st_mtime).name
 
 
+def latest_source() -> str | None:
+    """The most trained stage that has a checkpoint: rl, then sft, then base."""
+    return next((stage for stage in reversed(SOURCES) if find_latest_tag(stage) is not None), None)
+
+
 def resolve_checkpoint(stage: str, model_tag: str | None = None, step: int | None = None) -> tuple[Path, int]:
     """(folder, step) of a complete checkpoint; latest tag and last step when not given."""
     root = checkpoints_root(stage)
     if model_tag is None:
         model_tag = find_latest_tag(stage)
         if model_tag is None:
-            raise PicochatError(f"no {stage} checkpoints in {root}: train one first")
+            raise PicochatError(f"no {stage} checkpoints in {root}: `{TRAINED_BY[stage]}` creates them")
     ckpt_dir = root / model_tag
     steps = complete_steps(ckpt_dir)
     if not steps:

@@ -17,9 +17,10 @@ STAGES = {
     "tok-eval": ("picochat.stages.tok_eval", "compare the tokenizer's compression with GPT-2 and GPT-4"),
     "base-train": ("picochat.stages.base_train", "pretrain the base model"),
     "base-eval": ("picochat.stages.base_eval", "evaluate a base model: CORE, bits per byte, samples"),
+    "chat-cli": ("picochat.stages.chat_cli", "chat with a model in the terminal"),
 }
 # Named in the interface we promise; built by later work.
-PLANNED = ["chat-sft", "chat-rl", "chat-eval", "chat-cli", "chat-web", "report"]
+PLANNED = ["chat-sft", "chat-rl", "chat-eval", "chat-web", "report", "export"]
 
 
 class HelpFormatter(argparse.HelpFormatter):

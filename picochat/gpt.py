@@ -26,8 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from picochat.attention import attention, describe, pin_masks
-from picochat.common import PicochatError, print0
+from picochat.attention import attention, cached_attention, describe, pin_masks
+from picochat.common import PicochatError
 from picochat.recipes import RECIPES
 
 SOFTCAP = 15.0
@@ -135,7 +135,9 @@ class CausalSelfAttention(nn.Module):
             self.ve_gate_channels, self.ve_gate_range = recipe.ve_gate_channels, recipe.ve_gate_range
             self.ve_gate = Linear(self.ve_gate_channels, self.n_kv_head)
 
-    def forward(self, x, ve, cos, sin, packing=None):
+    def forward(self, x, ve, cos, sin, packing=None, kv=None):
+        """kv: (k_cache, v_cache, pos) of this layer when decoding with a KV cache (see engine.py):
+        the new keys and values are written at pos.., then attended over with the cached ones."""
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
@@ -146,7 +148,12 @@ class CausalSelfAttention(nn.Module):
             v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k = norm(q) * self.qk_scale, norm(k) * self.qk_scale
-        y = attention(q, k, v, self.window, packing)
+        if kv is None:
+            y = attention(q, k, v, self.window, packing)
+        else:
+            k_cache, v_cache, pos = kv
+            k_cache[:, :, pos:pos + T], v_cache[:, :, pos:pos + T] = k.transpose(1, 2), v.transpose(1, 2)
+            y = cached_attention(q, k_cache, v_cache, pos, self.window)
         return self.c_proj(y.reshape(B, T, -1))
 
 
@@ -166,8 +173,8 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer, window)
         self.mlp = MLP(config)
 
-    def forward(self, x, ve, cos, sin, packing=None):
-        x = x + self.attn(norm(x), ve, cos, sin, packing)
+    def forward(self, x, ve, cos, sin, packing=None, kv=None):
+        x = x + self.attn(norm(x), ve, cos, sin, packing, kv)
         return x + self.mlp(norm(x))
 
 
@@ -340,29 +347,35 @@ class GPT(nn.Module):
 
     # -- forward ------------------------------------------------------------------------------
 
-    def forward(self, idx, targets=None, loss_reduction="mean", packing=None):
+    def forward(self, idx, targets=None, loss_reduction="mean", packing=None, cache=None):
         """Logits (B, T, vocab) in fp32, or the loss if targets are given. Each row of idx is one
-        causal sequence, or several that share a prefix when a Packing says so (see attention.py)."""
+        causal sequence, or several that share a prefix when a Packing says so (see attention.py).
+        With a KV cache (engine.KVCache) idx continues the cached rows at position cache.pos, and
+        the cache advances by T: the same computation as the full sequence, token for token."""
         B, T = idx.shape
-        length = T if packing is None else int(packing.positions.max()) + 1
+        pos = 0 if cache is None else cache.pos
+        length = pos + T if packing is None else int(packing.positions.max()) + 1
         if length > self.rotary_len:
             raise PicochatError(f"sequence of {length} tokens is longer than the rotary table ({self.rotary_len})")
-        if packing is None:  # positions 0..T-1; a KV cache would offset this slice by the cache position
-            cos, sin = self.cos[:, :T], self.sin[:, :T]
+        if packing is None:
+            cos, sin = self.cos[:, pos:pos + T], self.sin[:, pos:pos + T]
         else:
             cos, sin = self.cos[0, packing.positions], self.sin[0, packing.positions]  # (B, T, 1, D/2)
         x = norm(self.transformer.wte(idx).to(self.compute_dtype))
         if self.recipe.smear:
-            x = self.smear(x, packing)
+            x = self.smear(x, packing, cache)
         x0 = x
         x_mid = None
         for i, block in enumerate(self.transformer.h):
             # 0-d fp32 lambdas do not promote bf16 activations
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             ve = self.value_embeds[str(i)](idx).to(x.dtype) if str(i) in self.value_embeds else None
-            x = block(x, ve, cos, sin, packing)
+            kv = None if cache is None else (cache.k[i], cache.v[i], pos)
+            x = block(x, ve, cos, sin, packing, kv)
             if i == self.config.n_layer // 2:
                 x_mid = x
+        if cache is not None:
+            cache.pos += T
         if self.recipe.backout:
             x = x - self.backout_lambda.to(x.dtype) * x_mid
         logits = self.lm_head(norm(x))[..., : self.config.vocab_size].float()
@@ -372,37 +385,31 @@ class GPT(nn.Module):
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1,
                                reduction=loss_reduction)
 
-    def smear(self, x, packing=None):
+    def smear(self, x, packing=None, cache=None):
         """x_t += smear_lambda * sigmoid(smear_gate(x_t[:24])) * x_{t-1} for t >= 1, using the
-        pre-smear x_{t-1}. Crosses document boundaries; a KV cache must keep the last x.
-        Under a Packing, x_{t-1} is the previous token of the same sequence."""
-        if packing is not None:
-            gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[..., :SMEAR_CHANNELS]))
-            x_prev = torch.gather(x, 1, packing.prev.unsqueeze(-1).expand_as(x))
-            return x + (packing.positions > 0).unsqueeze(-1) * gate * x_prev
-        gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[:, 1:, :SMEAR_CHANNELS]))
-        return torch.cat([x[:, :1], x[:, 1:] + gate * x[:, :-1]], dim=1)
+        pre-smear x_{t-1}. Crosses document boundaries. Under a Packing, x_{t-1} is the previous
+        token of the same sequence; under a KV cache, the first new token's x_{t-1} is the cache's
+        last one, so decoding and a prefill in chunks mix exactly as one full forward does."""
+        def gate(x):
+            return self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[..., :SMEAR_CHANNELS]))
 
-    @torch.inference_mode()
-    def generate(self, tokens, max_tokens, temperature=1.0, top_k=None, seed=42):
-        """Naive sampling for one sequence: reruns the full forward per token (no cache).
-        Yields token ids. temperature 0 = greedy; top_k None or 0 = no top-k."""
-        device = self.get_device()
-        rng = torch.Generator(device=device)
-        rng.manual_seed(seed)
-        ids = torch.tensor([list(tokens)], dtype=torch.long, device=device)
-        for _ in range(max_tokens):
-            logits = self.forward(ids)[:, -1, :]
-            if top_k:
-                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, -float("inf"))
-            if temperature > 0:
-                probs = F.softmax(logits / temperature, dim=-1)
-                next_id = torch.multinomial(probs, num_samples=1, generator=rng)
-            else:
-                next_id = torch.argmax(logits, dim=-1, keepdim=True)
-            ids = torch.cat([ids, next_id], dim=1)
-            yield next_id.item()
+        if packing is not None:
+            x_prev = torch.gather(x, 1, packing.prev.unsqueeze(-1).expand_as(x))
+            return x + (packing.positions > 0).unsqueeze(-1) * gate(x) * x_prev
+        if cache is not None:
+            prev, cache.prev = cache.prev, x[:, -1:]
+            if prev is not None:
+                return x + gate(x) * torch.cat([prev, x[:, :-1]], dim=1)
+        return torch.cat([x[:, :1], x[:, 1:] + gate(x[:, 1:]) * x[:, :-1]], dim=1)
+
+    def cast_for_inference(self):
+        """Store every matrix in the compute dtype once, so inference does not cast an fp32 copy
+        at every matmul (the cast training does gives the same values, so outputs are unchanged).
+        The 0-d lambdas stay fp32, as in training. No training after this."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.weight.data = module.weight.data.to(self.compute_dtype)
+        return self.eval().requires_grad_(False)
 
 
 def build_model(config: GPTConfig, device, compute_dtype) -> GPT:
@@ -413,5 +420,4 @@ def build_model(config: GPTConfig, device, compute_dtype) -> GPT:
     model.to_empty(device=device)
     model.init_weights()
     pin_masks(model.window_sizes, config.sequence_len, device, compute_dtype)  # before any torch.compile
-    print0(model.attention_summary())
     return model

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The small end-to-end run, sized for a laptop CPU (a few minutes; a GPU is faster):
 # set up, download a few shards, train and evaluate a tokenizer, pretrain a tiny
-# model, evaluate it. Everything lands under $PICOCHAT_HOME (~/.cache/picochat).
+# model, evaluate it, ask it something. Everything lands under $PICOCHAT_HOME (~/.cache/picochat).
 #
 # Knobs (environment):
 #   PICOCHAT_DATASET   a named dataset (fineweb-edu, climbmix) or a folder of parquet files
@@ -40,6 +40,9 @@ picochat base-train --dataset "$DATASET" --model-tag tiny --overwrite \
 
 picochat base-eval --dataset "$DATASET" --model-tag tiny --device-batch-size 8 --split-tokens 8192 \
   --tasks copa,winograd,arc_easy,bigbench_operators --max-per-task 32
+
+# Talk to it (a base model this small mostly babbles; chat-sft will teach it the chat format)
+picochat chat-cli -i base -g tiny -t 0 --max-tokens 32 -p "The capital of France is"
 
 python - <<'PY'
 import json, os

@@ -51,3 +51,31 @@ def core_bundle(tmp_path_factory):
     """A CORE eval bundle with all 22 tasks, 12 examples each (see synthetic.write_core_bundle);
     tests point PICOCHAT_EVAL_BUNDLE at it."""
     return write_core_bundle(tmp_path_factory.mktemp("eval_bundle"))
+
+
+@pytest.fixture(scope="session")
+def base_home(tmp_path_factory, pretrain_dir, small_tokenizer):
+    """A $PICOCHAT_HOME with the small tokenizer and a tiny base model (tag d2: depth 2, T=64)
+    trained 40 steps on the corpus, built once for the tests of the stages that load a model.
+    Tests point PICOCHAT_HOME at it and must not change it (copy it to write)."""
+    import os
+
+    from picochat.stages import base_train
+
+    home = tmp_path_factory.mktemp("base_home")
+    small_tokenizer.save(home / "tokenizer")
+    config = base_train.TrainConfig(depth=2, max_seq_len=64, head_dim=64, window_pattern="L", device_batch_size=4,
+                                    total_batch_size=512, embedding_lr=3.0, unembedding_lr=0.08, matrix_lr=0.2,
+                                    num_iterations=40, warmup_steps=5, eval_every=-1, core_metric_every=-1,
+                                    sample_every=-1, save_every=-1, dataset=str(pretrain_dir), model_tag="d2",
+                                    compile="off", device_type="cpu")
+    saved = os.environ.get("PICOCHAT_HOME")
+    os.environ["PICOCHAT_HOME"] = str(home)
+    try:
+        base_train.run(config)
+    finally:
+        if saved is None:
+            del os.environ["PICOCHAT_HOME"]
+        else:
+            os.environ["PICOCHAT_HOME"] = saved
+    return home

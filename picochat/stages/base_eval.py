@@ -89,6 +89,7 @@ def run(c: BaseEvalConfig) -> dict:
         ckpt_dir, step = checkpoint.resolve_checkpoint("base", c.model_tag, c.step)
         tag = ckpt_dir.name
         model, tokenizer, meta = checkpoint.load_model("base", rt.device, rt.dtype, tag, step)
+        print0(model.attention_summary())
         print0(f"evaluating base model {tag} step {step} on {rt.device} ({rt.dtype})")
         record = {"model_tag": tag, "step": step}
 

@@ -302,6 +302,7 @@ def setup(c: TrainConfig, rt):
     core_tasks = core_task_labels() if c.core_metric_every > 0 else None
 
     model = build_model(model_config, device, rt.dtype)
+    print0(model.attention_summary())
     if resume_step is not None:
         ckpt.load_state_into(model, ckpt.load_model_state(ckpt_dir, resume_step, device))
         print0(f"resuming from {where}")

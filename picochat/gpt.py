@@ -390,17 +390,19 @@ class GPT(nn.Module):
         pre-smear x_{t-1}. Crosses document boundaries. Under a Packing, x_{t-1} is the previous
         token of the same sequence; under a KV cache, the first new token's x_{t-1} is the cache's
         last one, so decoding and a prefill in chunks mix exactly as one full forward does."""
-        def gate(x):
-            return self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[..., :SMEAR_CHANNELS]))
-
+        # The order of these ops is part of the result: autograd sums x's gradient contributions
+        # in the order the slices were made, and training's figures are kept bit for bit.
+        gate_of = lambda x: self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[..., :SMEAR_CHANNELS]))
         if packing is not None:
+            gate = gate_of(x)
             x_prev = torch.gather(x, 1, packing.prev.unsqueeze(-1).expand_as(x))
-            return x + (packing.positions > 0).unsqueeze(-1) * gate(x) * x_prev
+            return x + (packing.positions > 0).unsqueeze(-1) * gate * x_prev
         if cache is not None:
             prev, cache.prev = cache.prev, x[:, -1:]
             if prev is not None:
-                return x + gate(x) * torch.cat([prev, x[:, :-1]], dim=1)
-        return torch.cat([x[:, :1], x[:, 1:] + gate(x[:, 1:]) * x[:, :-1]], dim=1)
+                return x + gate_of(x) * torch.cat([prev, x[:, :-1]], dim=1)
+        gate = gate_of(x[:, 1:])
+        return torch.cat([x[:, :1], x[:, 1:] + gate * x[:, :-1]], dim=1)
 
     def cast_for_inference(self):
         """Store every matrix in the compute dtype once, so inference does not cast an fp32 copy

@@ -116,6 +116,24 @@ def backward(loss, scaler):
     (scaler.scale(loss) if scaler is not None else loss).backward()
 
 
+def token_weighted_backward(model, micro_batches, scaler, ddp: bool, world_size: int) -> float:
+    """Backward of the mean loss over every unmasked target (>= 0) of the whole accumulated batch,
+    all ranks together, however the targets are spread over micro-batches and ranks; returns this
+    rank's mean loss. A micro-batch whose targets are all masked adds nothing (a per-micro-batch
+    mean, the reference's way, makes it 0/0 = NaN)."""
+    count = sum((y >= 0).sum() for _, y in micro_batches)
+    total = count.clone()
+    if ddp:
+        dist.all_reduce(total)
+    scale = world_size / total.clamp(min=1)  # the optimizer averages the ranks' gradients
+    loss_sum = 0.0
+    for x, y in micro_batches:
+        loss = model(x, y, loss_reduction="sum")
+        backward(loss * scale, scaler)
+        loss_sum = loss_sum + loss.detach()
+    return (loss_sum / count.clamp(min=1)).item()
+
+
 def make_scaler(device: torch.device, dtype: torch.dtype):
     """fp16 needs loss scaling; bf16 and fp32 have the range without it."""
     return torch.amp.GradScaler(device.type) if dtype == torch.float16 else None

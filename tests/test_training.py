@@ -133,3 +133,34 @@ def test_metrics_log_keeps_what_came_before_the_checkpoint(tmp_path):
     assert [json.loads(x) for x in path.read_text().splitlines()] == lines[:3]
     MetricsLog(path, enabled=True, resume_step=None, evals_done=False).close()  # a fresh run
     assert path.read_text() == ""
+
+
+def test_token_weighted_loss_survives_an_all_masked_micro_batch():
+    """Two micro-batches, the second with every target masked: the loss is the mean over the 5
+    unmasked targets of the whole batch (by hand), the gradients are that mean's, nothing is NaN,
+    whereas a mean per micro-batch divides 0 by 0."""
+    from picochat.gpt import GPTConfig, build_model
+    from picochat.training import token_weighted_backward
+
+    torch.manual_seed(0)
+    model = build_model(GPTConfig(sequence_len=8, vocab_size=64, n_layer=2, n_head=2, n_kv_head=2, n_embd=32),
+                        "cpu", torch.float32)
+    x1, x2 = torch.randint(0, 64, (2, 1, 4))
+    y1 = torch.tensor([[5, -1, 7, 9]])
+    y2 = torch.full((1, 4), -1)
+    y1b = torch.tensor([[3, 3, -1, -1]])  # a second row of the first kind, so rows differ in count
+    x1b = torch.randint(0, 64, (1, 4))
+    loss = token_weighted_backward(model, [(torch.cat([x1, x1b]), torch.cat([y1, y1b])), (x2, y2)], None,
+                                   ddp=False, world_size=1)
+    got = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    logits = model(torch.cat([x1, x1b]))
+    targets = torch.cat([y1, y1b])
+    by_hand = torch.nn.functional.cross_entropy(logits.view(-1, 64), targets.view(-1), ignore_index=-1,
+                                                reduction="sum") / 5
+    by_hand.backward()
+    assert math.isfinite(loss) and loss == pytest.approx(by_hand.item(), rel=1e-6)
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(got[name], p.grad, rtol=1e-5, atol=1e-7, msg=name)
+    assert math.isnan(model(x2, y2).item())  # the per-micro-batch mean of the all-masked one

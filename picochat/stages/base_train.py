@@ -517,7 +517,7 @@ def main(argv=None):
                    help="per-layer attention windows, tiled over the layers (L = full context, S = short: a "
                    "quarter of it in the default preset); the last layer is always L")
     g.add_argument("--preset", default=d.preset, choices=list(RECIPES),
-                   help="recipe (picochat/gpt.py RECIPES): architecture, init, optimizer constants, the "
+                   help="recipe (picochat/recipes.py): architecture, init, optimizer constants, the "
                    "defaults of the lr, weight-decay, warmup and warmdown flags, the momentum and weight-decay "
                    "schedules and the Muon variant; jan29 = the 2026-01-29 record")
     g = p.add_argument_group("training horizon (the first one given wins)")

@@ -67,7 +67,8 @@ def spelled(word: str) -> str:
     return f"{word}:{','.join(word)}"
 
 
-class SpellingBee(Task):
+class WordTask(Task):
+    """size generated examples over the word list, example i drawn from its own seed."""
     eval_type = "generative"
 
     def __init__(self, size: int = 1000, split: str = "train", **slice_args):
@@ -79,6 +80,8 @@ class SpellingBee(Task):
     def num_examples(self) -> int:
         return self.size
 
+
+class SpellingBee(WordTask):
     def get_example(self, index: int) -> dict:
         rng = _rng(self.split, index)
         word = rng.choice(self.words)
@@ -116,19 +119,11 @@ def answer_parts(word: str, letter: str) -> list[dict]:
             {"type": "text", "text": f"\n\nPython also gives {count}.\n\nMy final answer is:\n\n#### {count}"}]
 
 
-class SimpleSpelling(Task):
-    eval_type = "generative"
-
+class SimpleSpelling(WordTask):
     def __init__(self, size: int = 1000, split: str = "train", **slice_args):
-        super().__init__(**slice_args)
-        _check(size, split)
-        self.size, self.split = size, split
-        self.words = load_word_list()
+        super().__init__(size, split, **slice_args)
         # SpellingBee draws example i from the same seed: another word order gives it other words
         random.Random(42).shuffle(self.words)
-
-    def num_examples(self) -> int:
-        return self.size
 
     def get_example(self, index: int) -> dict:
         word = _rng(self.split, index).choice(self.words)

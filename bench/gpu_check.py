@@ -311,9 +311,9 @@ class Checks:
 def two_rank_step(device_type: str, sizes: Sizes) -> dict:
     """Data-parallel steps on 2 ranks (NCCL on CUDA, gloo on the CPU); pass when every parameter
     moved and is identical on both ranks."""
-    # CUDA cannot be used in a forked child; on the CPU fork is much faster (the children inherit
-    # the imports and the kernels compiled so far)
-    start_method = "spawn" if device_type == "cuda" else "fork"
+    # spawn, not fork, on the CPU too: a fork taken after the parent's OpenMP / compile threads ran
+    # can deadlock the children (seen here: both ranks stuck on a futex)
+    start_method = "spawn"
     with tempfile.TemporaryDirectory() as out_dir:
         mp.start_processes(two_rank_worker, args=(free_port(), device_type, sizes, out_dir), nprocs=2,
                            start_method=start_method)

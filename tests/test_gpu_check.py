@@ -1,7 +1,7 @@
 """bench/gpu_check.py, the prepared check for a lent GPU: its --smoke run takes every code path on
 the CPU, and its two-rank step (NCCL on a GPU, never run by a 1-GPU machine) runs here with gloo."""
 
-import importlib.util
+import importlib
 import json
 import os
 import re
@@ -80,9 +80,7 @@ def test_past_the_deadline_everything_is_skipped_and_still_recorded(tmp_path):
 @pytest.mark.slow
 def test_two_rank_step_agrees_with_gloo(monkeypatch):
     monkeypatch.syspath_prepend(str(SCRIPT.parent))  # as when it runs as a script: bench/ on sys.path
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    gpu_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_check)
+    gpu_check = importlib.import_module("gpu_check")  # by name, so spawned ranks can import it too
     result = gpu_check.two_rank_step("cpu", gpu_check.SMOKE)
     assert result["status"] == "pass", result
     assert all(rank["moved"] == rank["params"] and rank["differ"] == 0 for rank in result["ranks"])

@@ -282,21 +282,26 @@ def sdpa_packed_attention(q, k, v, mask):
     return y.transpose(1, 2)
 
 
-def cached_attention(q, k_cache, v_cache, pos: int, window: int):
+def cached_attention(q, k_cache, v_cache, pos: int, window: int, pad=None):
     """Attention for T new queries (B, T, H, D) at positions pos..pos+T-1 over a KV cache that
     already holds their keys and values, (B, Hkv, >= pos+T, D): the layout SDPA reads, so a slice
     needs no copy. Query p sees the cached keys c with p - window <= c <= p, exactly the keys
-    training's causal sliding window gives it. SDPA on every device (FA3's cached kernel would be
-    faster on Hopper: not used yet); only the keys a window can reach are read."""
+    training's causal sliding window gives it. pad: (B,) left-padding slots per row (None: none);
+    a row's padding keys are hidden from its real queries, and a padding query sees only its own
+    key (a query that sees nothing would give NaN, which its value would carry into real rows).
+    SDPA on every device (FA3's cached kernel would be faster on Hopper: not used yet); only the
+    keys a window can reach are read."""
     T = q.size(1)
     end = pos + T
     start = 0 if window < 0 else max(0, pos - window)
     k, v = k_cache[:, :, start:end], v_cache[:, :, start:end]
     mask = None
-    if T > 1:  # a decode step (T = 1) sees every key of its slice
+    if T > 1 or pad is not None:  # an unpadded decode step (T = 1) sees every key of its slice
         r = torch.arange(pos, end, device=q.device)[:, None]
         c = torch.arange(start, end, device=q.device)[None, :]
         mask = (c <= r) & ((r - c <= window) if window >= 0 else True)
+        if pad is not None:
+            mask = ((mask & (c >= pad[:, None, None])) | (c == r)).unsqueeze(1)  # (B, 1, T, S)
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, enable_gqa=q.size(2) != k.size(1))
     return y.transpose(1, 2)
 

@@ -6,7 +6,9 @@ value embeddings, backout and softcap are the training forward's own code, so a 
 computes what a full recomputation of the sequence would, token for token (tests/test_engine.py).
 
 Engine.generate prefills the prompt with batch 1, copies the cache into N rows, and samples the
-rows independently from one seeded generator, streaming a token column at a time. Each row runs
+rows independently from one seeded generator, streaming a token column at a time. generate_many
+does the same for several prompts in one batch: shorter prompts are left-padded and the cache's
+pad hides the padding from attention. Each row runs
 the tool state machine: the tokens between <|python_start|> and <|python_end|> are an expression
 for the calculator, which runs in the sandbox (sandbox.py); its result is forced back into the row
 as <|output_start|> result <|output_end|>, with mask 0 (the model did not choose those tokens).
@@ -24,9 +26,11 @@ from picochat.sandbox import run_python
 
 class KVCache:
     """Keys and values of every layer, (n_layer, B, n_kv_head, max_len, head_dim) in the compute
-    dtype, for B rows that share one position; prev is the last token's normed embedding (smear)."""
+    dtype, for B rows that share one position; prev is the last token's normed embedding (smear).
+    pad: None, or (B,) slots of left padding per row, which attention hides: prompts of several
+    lengths then share one batch."""
 
-    def __init__(self, model, batch_size: int, max_len: int):
+    def __init__(self, model, batch_size: int, max_len: int, pad: torch.Tensor | None = None):
         c = model.config
         shape = (c.n_layer, batch_size, c.n_kv_head, max_len, c.n_embd // c.n_head)
         device = model.get_device()
@@ -35,21 +39,25 @@ class KVCache:
         self.pos = 0
         self.prev = None
         self.max_len = max_len
+        self.pad = None if pad is None else pad.to(device)
 
     def copy_rows_from(self, other: "KVCache"):
-        """Start every row where the single row of `other` stands (a batch-1 prefill)."""
-        n = other.pos
-        if other.k.size(1) != 1 or n > self.max_len:
-            raise ValueError("copy_rows_from takes a batch-1 cache no longer than this one")
-        self.k[:, :, :, :n] = other.k[:, :, :, :n]
-        self.v[:, :, :, :n] = other.v[:, :, :, :n]
+        """Start each row of `other` over `repeats` consecutive rows here, where B = repeats x
+        other's B (e.g. one prefilled prompt, N samples)."""
+        n, rows = other.pos, other.k.size(1)
+        repeats = self.k.size(1) // rows
+        if repeats * rows != self.k.size(1) or n > self.max_len:
+            raise ValueError("copy_rows_from takes a cache no longer than this one, whose rows divide these")
+        self.k[:, :, :, :n] = other.k[:, :, :, :n].repeat_interleave(repeats, dim=1)
+        self.v[:, :, :, :n] = other.v[:, :, :, :n].repeat_interleave(repeats, dim=1)
         self.pos = n
-        self.prev = None if other.prev is None else other.prev.expand(self.k.size(1), -1, -1).clone()
+        self.prev = None if other.prev is None else other.prev.repeat_interleave(repeats, dim=0)
+        self.pad = None if other.pad is None else other.pad.repeat_interleave(repeats)
 
 
 def prefill(model, rows: list[list[int]], cache: KVCache, chunk: int | None = None):
-    """Run prompts of equal length through the cache, `chunk` tokens at a time (None: at once);
-    the logits at their last position, (B, V)."""
+    """Run prompts of equal length (left-pad shorter ones and give the cache their pad) through
+    the cache, `chunk` tokens at a time (None: at once); the logits at their last position, (B, V)."""
     device = model.get_device()
     step = chunk or len(rows[0])
     for i in range(0, len(rows[0]), step):
@@ -111,31 +119,43 @@ class Engine:
     def prefill(self, rows: list[list[int]], cache: KVCache):
         return prefill(self.model, rows, cache, self.prefill_chunk)
 
-    @torch.inference_mode()
-    def generate(self, tokens, num_samples: int = 1, max_tokens: int | None = None, temperature: float = 1.0,
-                 top_k: int | None = None, seed: int = 42):
+    def generate(self, tokens, num_samples: int = 1, **kwargs):
         """Yield (token column, mask column), lists of num_samples ints, one per generated position,
         until every row has stopped (<|assistant_end|> or <|bos|>) or max_tokens columns (None: up
         to the model's longest sequence). A row that stopped keeps producing tokens, which callers
-        ignore; mask 0 marks tokens forced by the tool."""
-        tokens = list(tokens)
-        if not tokens:
+        ignore; mask 0 marks tokens forced by the tool. Keywords: those of generate_many."""
+        return self.generate_many([tokens], num_samples, **kwargs)
+
+    @torch.inference_mode()
+    def generate_many(self, prompts: list[list[int]], num_samples: int = 1, max_tokens: int | None = None,
+                      temperature: float = 1.0, top_k: int | None = None, seed: int = 42):
+        """generate for several prompts at once: the columns hold num_samples rows per prompt,
+        prompt by prompt. Prompts of other lengths are left-padded with BOS, which attention
+        hides, so each row computes what it would alone (up to rounding); max_tokens is bounded
+        by the longest prompt's room."""
+        prompts = [list(p) for p in prompts]
+        if not prompts or not all(prompts):
             raise PicochatError("generate needs at least one prompt token")
-        room = self.model.rotary_len - len(tokens)
+        longest = max(map(len, prompts))
+        room = self.model.rotary_len - longest
         if room <= 0:
-            raise PicochatError(f"prompt of {len(tokens)} tokens leaves no room to generate "
+            raise PicochatError(f"prompt of {longest} tokens leaves no room to generate "
                                 f"(the model takes at most {self.model.rotary_len})")
         max_tokens = room if max_tokens is None else min(max_tokens, room)
         device = self.model.get_device()
         rng = torch.Generator(device=device)
         rng.manual_seed(seed)
 
-        prompt_cache = KVCache(self.model, 1, len(tokens))
-        logits = self.prefill([tokens], prompt_cache).expand(num_samples, -1)
-        cache = KVCache(self.model, num_samples, len(tokens) + max_tokens)
+        pads = [longest - len(p) for p in prompts]
+        bos = self.tokenizer.get_bos_token_id()
+        pad = torch.tensor(pads) if any(pads) else None  # unpadded rows keep the exact unmasked path
+        prompt_cache = KVCache(self.model, len(prompts), longest, pad)
+        logits = self.prefill([[bos] * n + p for n, p in zip(pads, prompts)], prompt_cache)
+        logits = logits.repeat_interleave(num_samples, dim=0)
+        cache = KVCache(self.model, len(prompts) * num_samples, longest + max_tokens)
         cache.copy_rows_from(prompt_cache)
         del prompt_cache
-        rows = [RowState() for _ in range(num_samples)]
+        rows = [RowState() for _ in range(len(prompts) * num_samples)]
         for step in range(max_tokens):
             sampled = sample_next(logits, rng, temperature, top_k).tolist()  # the one sync per column
             column, masks = [], []
@@ -167,11 +187,14 @@ class Engine:
     def generate_batch(self, tokens, num_samples: int = 1, **kwargs) -> tuple[list[list[int]], list[list[int]]]:
         """(sequences, masks): per sample the prompt and its generated tokens up to, not including,
         the token that stopped it; masks are 0 over the prompt and forced tokens, 1 elsewhere."""
-        tokens = list(tokens)
-        sequences = [list(tokens) for _ in range(num_samples)]
-        masks = [[0] * len(tokens) for _ in range(num_samples)]
-        done = [False] * num_samples
-        for column, mask_column in self.generate(tokens, num_samples, **kwargs):
+        return self.complete([tokens], num_samples, **kwargs)[0]
+
+    def complete(self, prompts: list[list[int]], num_samples: int = 1, **kwargs) -> list[tuple[list, list]]:
+        """generate_batch for several prompts in one batch: a (sequences, masks) per prompt."""
+        sequences = [list(p) for p in prompts for _ in range(num_samples)]
+        masks = [[0] * len(s) for s in sequences]
+        done = [False] * len(sequences)
+        for column, mask_column in self.generate_many(prompts, num_samples, **kwargs):
             for i, (token, mask) in enumerate(zip(column, mask_column)):
                 if done[i]:
                     continue
@@ -182,7 +205,8 @@ class Engine:
                     masks[i].append(mask)
             if all(done):
                 break
-        return sequences, masks
+        n = num_samples
+        return [(sequences[i:i + n], masks[i:i + n]) for i in range(0, len(sequences), n)]
 
 
 def load_engine(source: str, device, dtype, model_tag: str | None = None, step: int | None = None,

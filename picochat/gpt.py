@@ -136,8 +136,9 @@ class CausalSelfAttention(nn.Module):
             self.ve_gate = Linear(self.ve_gate_channels, self.n_kv_head)
 
     def forward(self, x, ve, cos, sin, packing=None, kv=None):
-        """kv: (k_cache, v_cache, pos) of this layer when decoding with a KV cache (see engine.py):
-        the new keys and values are written at pos.., then attended over with the cached ones."""
+        """kv: (k_cache, v_cache, pos, pad) of this layer when decoding with a KV cache (see
+        engine.py): the new keys and values are written at pos.., then attended over with the
+        cached ones, hiding each row's left padding (pad: None or (B,) slots)."""
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
@@ -151,9 +152,9 @@ class CausalSelfAttention(nn.Module):
         if kv is None:
             y = attention(q, k, v, self.window, packing)
         else:
-            k_cache, v_cache, pos = kv
+            k_cache, v_cache, pos, pad = kv
             k_cache[:, :, pos:pos + T], v_cache[:, :, pos:pos + T] = k.transpose(1, 2), v.transpose(1, 2)
-            y = cached_attention(q, k_cache, v_cache, pos, self.window)
+            y = cached_attention(q, k_cache, v_cache, pos, self.window, pad)
         return self.c_proj(y.reshape(B, T, -1))
 
 
@@ -351,7 +352,8 @@ class GPT(nn.Module):
         """Logits (B, T, vocab) in fp32, or the loss if targets are given. Each row of idx is one
         causal sequence, or several that share a prefix when a Packing says so (see attention.py).
         With a KV cache (engine.KVCache) idx continues the cached rows at position cache.pos, and
-        the cache advances by T: the same computation as the full sequence, token for token."""
+        the cache advances by T: the same computation as the full sequence, token for token (and,
+        for left-padded rows, as each row alone, up to rounding)."""
         B, T = idx.shape
         pos = 0 if cache is None else cache.pos
         length = pos + T if packing is None else int(packing.positions.max()) + 1
@@ -362,6 +364,12 @@ class GPT(nn.Module):
         else:
             cos, sin = self.cos[0, packing.positions], self.sin[0, packing.positions]  # (B, T, 1, D/2)
         x = norm(self.transformer.wte(idx).to(self.compute_dtype))
+        if cache is not None and cache.pad is not None:
+            # Zero a left-padded row's padding: its first real token then smears in nothing, as
+            # position 0 of an unpadded row does. Rotary angles need no shift: attention scores
+            # depend only on the distance between positions.
+            real = torch.arange(pos, pos + T, device=idx.device) >= cache.pad[:, None]
+            x = x * real.unsqueeze(-1).to(x.dtype)
         if self.recipe.smear:
             x = self.smear(x, packing, cache)
         x0 = x
@@ -370,7 +378,7 @@ class GPT(nn.Module):
             # 0-d fp32 lambdas do not promote bf16 activations
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             ve = self.value_embeds[str(i)](idx).to(x.dtype) if str(i) in self.value_embeds else None
-            kv = None if cache is None else (cache.k[i], cache.v[i], pos)
+            kv = None if cache is None else (cache.k[i], cache.v[i], pos, cache.pad)
             x = block(x, ve, cos, sin, packing, kv)
             if i == self.config.n_layer // 2:
                 x_mid = x

@@ -77,6 +77,45 @@ def test_greedy_engine_equals_recomputation(preset, short_window, num_samples, c
     assert len(ids) - len(prompt) == len(columns)
 
 
+@pytest.mark.parametrize("preset,short_window", CASES)
+@pytest.mark.parametrize("chunk", [None, 4])
+def test_left_padded_rows_compute_what_each_row_alone_does(preset, short_window, chunk, small_tokenizer):
+    """Prompts of 3, 9 and 6 tokens left-padded into one cache, prefilled and decoded 25 steps
+    (past the 16-token training length, through the windows): each row's logits match the full
+    forward of that row alone, which never saw padding."""
+    model = model_for(preset, short_window)
+    g = torch.Generator().manual_seed(4)
+    rows = [torch.randint(0, 1024, (n,), generator=g).tolist() for n in (3, 9, 6)]
+    longest = max(map(len, rows))
+    pad = torch.tensor([longest - len(r) for r in rows])
+    cache = KVCache(model, 3, longest + 25, pad)
+    engine = Engine(model, small_tokenizer, prefill_chunk=chunk)
+    with torch.no_grad():
+        logits = engine.prefill([[0] * (longest - len(r)) + r for r in rows], cache)
+        for step in range(25):
+            assert torch.isfinite(logits).all()
+            alone = torch.cat([full_logits(model, [r]) for r in rows])
+            torch.testing.assert_close(logits, alone, atol=1e-4, rtol=1e-4, msg=f"step {step}")
+            column = torch.randint(0, 1024, (3,), generator=g).tolist()
+            rows = [r + [t] for r, t in zip(rows, column)]
+            logits = model(torch.tensor(column)[:, None], cache=cache)[:, -1]
+
+
+def test_complete_batches_prompts_as_one_at_a_time(small_tokenizer):
+    """Greedy completions of several prompts in one batch (2 samples each) are the ones each
+    prompt gets alone; a 7-token prompt of equal length takes the unpadded path."""
+    model = model_for("default", 5)
+    engine = Engine(model, small_tokenizer)
+    bos = small_tokenizer.get_bos_token_id()
+    prompts = [[bos, 5, 6], [bos, 17, 300, 301, 5, 900, 44], [bos, 9, 9, 9, 2]]
+    together = engine.complete(prompts, 2, max_tokens=20, temperature=0.0)
+    for prompt, (sequences, masks) in zip(prompts, together):
+        alone = engine.generate_batch(prompt, 1, max_tokens=20, temperature=0.0)
+        assert sequences == alone[0] * 2 and masks == alone[1] * 2
+    assert engine.complete([prompts[1]] * 2, 1, max_tokens=5, temperature=0.0) == [
+        engine.generate_batch(prompts[1], 1, max_tokens=5, temperature=0.0)] * 2
+
+
 def test_sampled_rows_match_recomputation_row_by_row(small_tokenizer):
     """Sampled rows differ from each other; teacher-forcing their tokens through a batch cache
     gives each row's own full-forward logits."""

@@ -5,9 +5,10 @@ Two kinds of task (task.eval_type):
   with BOS, go through one forward; at each prompt's last position (<|assistant_start|>, which
   predicts the answer's first token) only the allowed letters compete, and the likeliest is the
   answer. Nothing is sampled, so temperature, top-k and the sample count do not apply.
-- generative (GSM8K, HumanEval, SpellingBee): the engine samples num_samples completions per
-  problem, one problem after another; a problem passes if any completion does (pass@num_samples).
-Problems are split across ranks (categorical: whole batches, round robin) and the counts summed.
+- generative (GSM8K, HumanEval, SpellingBee): the engine samples num_samples completions for each
+  of batch_size problems at once (left-padded, engine.complete); a problem passes if any of its
+  completions does (pass@num_samples).
+Whole batches of problems go to the ranks in turn, and the counts are summed.
 
 ChatCORE: the mean over ARC-Easy, ARC-Challenge, MMLU, GSM8K and HumanEval of each accuracy
 centered on its random-guess baseline. Like CORE (core_eval.core_metric_name), only all five run
@@ -116,19 +117,20 @@ def evaluate_categorical(task, model, tokenizer, device, batches, bar) -> int:
     return correct
 
 
-def evaluate_generative(task, tokenizer, engine, indices, num_samples, max_new_tokens, temperature, top_k, bar) -> int:
-    """Problems at indices that at least one of num_samples completions solves."""
+def evaluate_generative(task, tokenizer, engine, batches, num_samples, max_new_tokens, temperature, top_k, bar) -> int:
+    """Problems of batches (lists of problem indices) that at least one of num_samples completions
+    solves, each batch's problems sampled together (engine.complete)."""
     # At temperature 0 every sample follows the argmax (and the tool is deterministic), so one
     # sample gives the verdict of all of them.
     samples = 1 if temperature == 0 else num_samples
     correct = 0
-    for i in indices:
-        conversation = task[i]
-        prompt = tokenizer.render_for_completion(conversation)
-        sequences, _ = engine.generate_batch(prompt, samples, max_tokens=max_new_tokens, temperature=temperature,
-                                             top_k=top_k)
-        correct += any(task.evaluate(conversation, tokenizer.decode(s[len(prompt):])) for s in sequences)
-        bar.update(1)
+    for batch in batches:
+        conversations = [task[i] for i in batch]
+        prompts = [tokenizer.render_for_completion(c) for c in conversations]
+        outputs = engine.complete(prompts, samples, max_tokens=max_new_tokens, temperature=temperature, top_k=top_k)
+        for conversation, prompt, (sequences, _) in zip(conversations, prompts, outputs):
+            correct += any(task.evaluate(conversation, tokenizer.decode(s[len(prompt):])) for s in sequences)
+        bar.update(len(batch))
     return correct
 
 
@@ -138,8 +140,9 @@ def evaluate_task(task, model, tokenizer, engine, device, batch_size: int = 8, n
     """Evaluate one task: a name in TASKS or a task object. The first max_problems problems (None:
     all) are split across ranks. Returns {accuracy, correct, total, seconds, max_problems,
     task_size}: the counts summed over ranks, task_size the problems the task has (total is less
-    when max_problems cut it). batch_size applies to categorical tasks, the sampling arguments to
-    generative ones (top_k 0: all tokens)."""
+    when max_problems cut it). batch_size is problems per forward (categorical) or per sampling
+    batch of batch_size x num_samples rows (generative); the sampling arguments apply to
+    generative tasks (top_k 0: all tokens)."""
     t0 = time.time()
     label = task if isinstance(task, str) else type(task).__name__
     if isinstance(task, str):
@@ -148,17 +151,15 @@ def evaluate_task(task, model, tokenizer, engine, device, batch_size: int = 8, n
     if num_problems == 0:
         raise PicochatError(f"task {label} has no problems to evaluate")
     rank, world = get_rank(), get_world_size()
+    # whole batches to the ranks in turn, so every batch is full but the last
+    starts = range(rank * batch_size, num_problems, world * batch_size)
+    batches = [range(s, min(s + batch_size, num_problems)) for s in starts]
+    mine = sum(map(len, batches))
+    bar = tqdm(total=mine, desc=label, leave=False, disable=rank != 0)
     if task.eval_type == "categorical":
-        starts = range(rank * batch_size, num_problems, world * batch_size)
-        batches = [range(s, min(s + batch_size, num_problems)) for s in starts]
-        mine = sum(map(len, batches))
-        bar = tqdm(total=mine, desc=label, leave=False, disable=rank != 0)
         correct = evaluate_categorical(task, model, tokenizer, device, batches, bar)
     elif task.eval_type == "generative":
-        indices = range(rank, num_problems, world)
-        mine = len(indices)
-        bar = tqdm(total=mine, desc=label, leave=False, disable=rank != 0)
-        correct = evaluate_generative(task, tokenizer, engine, indices, num_samples, max_new_tokens, temperature,
+        correct = evaluate_generative(task, tokenizer, engine, batches, num_samples, max_new_tokens, temperature,
                                       top_k, bar)
     else:
         raise PicochatError(f"task {label} has eval_type {task.eval_type!r}, not categorical or generative")

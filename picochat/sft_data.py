@@ -29,6 +29,7 @@ class SFTLoader:
         self.bos = tokenizer.get_bos_token_id()
         self.cursor, self.epoch = rank, 1  # the next conversation this rank takes, and its epoch
         self.buffer = []  # (dataset index, ids, mask), in arrival order
+        self.packed = 0  # conversations this rank has put into rows
 
     def render(self, index: int):
         ids, mask = self.tokenizer.render_conversation(self.dataset[index], max_tokens=self.seq_len + 1)
@@ -43,8 +44,10 @@ class SFTLoader:
                 self.epoch += 1
 
     def progress(self) -> float:
-        """Epochs taken so far, fractional (1.0 = the whole dataset once, over all ranks)."""
-        return self.epoch - 1 + self.cursor / len(self.dataset)
+        """Epochs trained so far, fractional (1.0 = the whole dataset once, over all ranks): counted
+        in conversations packed into rows, not read into the buffer, so one epoch trains on every
+        conversation even when the dataset is no bigger than the buffer."""
+        return self.packed * self.world_size / len(self.dataset)
 
     def next_row(self):
         """(ids, mask) of one row of T+1 tokens."""
@@ -56,6 +59,7 @@ class SFTLoader:
                 break
             best = max(fits, key=lambda i: len(self.buffer[i][1]))  # the first of the longest
             _, conv_ids, conv_mask = self.buffer.pop(best)
+            self.packed += 1
             ids += conv_ids
             mask += conv_mask
             space -= len(conv_ids)
@@ -72,7 +76,8 @@ class SFTLoader:
         return ids[:, :-1].to(self.device), targets.to(self.device)
 
     def state_dict(self) -> dict:
-        return {"cursor": self.cursor, "epoch": self.epoch, "buffer": [index for index, _, _ in self.buffer],
+        return {"cursor": self.cursor, "epoch": self.epoch, "packed": self.packed,
+                "buffer": [index for index, _, _ in self.buffer],
                 "rank": self.rank, "world_size": self.world_size, "dataset_size": len(self.dataset)}
 
     def load_state_dict(self, state: dict):
@@ -81,7 +86,7 @@ class SFTLoader:
             raise PicochatError(f"the SFT data position was saved for rank {state['rank']} of {state['world_size']} "
                                 f"over {state['dataset_size']:,} conversations; this is rank {self.rank} of "
                                 f"{self.world_size} over {len(self.dataset):,}: resume with the same data and world")
-        self.cursor, self.epoch = state["cursor"], state["epoch"]
+        self.cursor, self.epoch, self.packed = state["cursor"], state["epoch"], state["packed"]
         self.buffer = [self.render(index) for index in state["buffer"]]
 
     def position(self) -> str:

@@ -28,7 +28,7 @@ class ChatEvalConfig:
     max_new_tokens: int = 512
     num_samples: int = 1  # per generative problem: pass@num_samples
     top_k: int = 50
-    batch_size: int = 8  # categorical problems per forward pass
+    batch_size: int = 8  # problems per forward pass (categorical) or per sampling batch (generative)
     model_tag: str | None = None  # None: the largest d<N> tag, else the newest
     step: int | None = None  # None: the last complete checkpoint
     max_problems: int | None = None  # per task (None: all)
@@ -71,9 +71,7 @@ def run(c: ChatEvalConfig) -> dict:
         print0(f"evaluating {source} model {tag} step {step} on {rt.device} ({rt.dtype})")
         results = {}
         for name, task in tasks.items():
-            flag, value = (("-b/--batch-size", c.batch_size) if task.eval_type == "categorical"
-                           else ("-n/--num-samples", c.num_samples))
-            with out_of_memory_hint(flag, value, f"in {name}"):
+            with out_of_memory_hint("-b/--batch-size", c.batch_size, f"in {name}"):
                 r = evaluate_task(task, engine.model, engine.tokenizer, engine, rt.device, c.batch_size,
                                   c.num_samples, c.max_new_tokens, c.temperature, c.top_k, c.max_problems)
             results[name] = {**r, "eval_type": task.eval_type, "baseline": TASKS[name].baseline,
@@ -119,7 +117,8 @@ def main(argv=None):
                    help="completions per generative problem; it passes if any does (pass@n)")
     p.add_argument("-k", "--top-k", type=int, default=d.top_k, help="sample from the k likeliest tokens (0 = all)")
     p.add_argument("-b", "--batch-size", type=int, default=d.batch_size,
-                   help="categorical problems per forward pass")
+                   help="problems evaluated together: per forward pass (categorical tasks), or per sampling "
+                        "batch of batch-size x num-samples rows (generative tasks)")
     p.add_argument("-g", "--model-tag", default=d.model_tag, help="checkpoint folder (default: the largest d<N>)")
     p.add_argument("-s", "--step", type=int, default=d.step, help="checkpoint step (default: the last one)")
     p.add_argument("-x", "--max-problems", type=int, default=d.max_problems,

@@ -2,9 +2,9 @@
 torchrun). Starts from a base checkpoint and saves to $PICOCHAT_HOME/sft_checkpoints/<tag>/.
 
 Sizes and learning rates not given are inherited from the base run (its max_seq_len, device and
-total batch, and the lrs it was given on the command line), as the reference does; the lrs start
-at --init-lr-frac of those and follow a schedule over training progress (epochs of the mixture,
-or steps with --num-iterations): flat, then linear to --final-lr-frac over the last
+total batch, and its lr flags before base-train's batch-size scaling), as the reference does; the
+lrs start at --init-lr-frac of those and follow a schedule over training progress (epochs of the
+mixture, or steps with --num-iterations): flat, then linear to --final-lr-frac over the last
 --warmdown-ratio. Muon momentum 0.85 -> 0.95 over 300 steps. With --load-optimizer the base run's
 optimizer state (momentum buffers and group settings, e.g. its final weight decay) comes along.
 
@@ -12,13 +12,21 @@ The training mixture: SmolTalk, --mmlu-epochs x MMLU auxiliary_train, --gsm8k-ep
 SpellingBee and SimpleSpelling (they teach the python tool), --identity conversations twice and
 --extra-jsonl conversations once; shuffled together once (seed 42). Validation: SmolTalk test,
 MMLU test[:5200], GSM8K test[:420]. Rows are packed by sft_data.SFTLoader; the loss is the mean
-over every assistant token of the accumulated batch (training.token_weighted_backward).
+over every assistant token of the accumulated batch (training.token_weighted_backward). The
+--identity and --extra-jsonl files are read first, then every task's data is fetched (ChatCORE's
+too, when --chatcore-every is on), all before the model is built.
+
+ChatCORE during training (chat_eval): ARC-Easy, ARC-Challenge and MMLU on their first
+--chatcore-max-cat problems, GSM8K and HumanEval on their first --chatcore-max-sample (greedy, up
+to 512 new tokens), on the weights of that step; partial, and named so, whenever a cap left
+problems out.
 
 Beyond the reference: exact resume (--resume, as base-train), a fresh run never deletes a tag's
 checkpoints without --overwrite, and long conversations are truncated to a row, not dropped.
 
 metrics.jsonl (in the checkpoint folder): training steps {"step", "loss", "lrm", "progress", "dt",
-"tok_per_s", "bf16_mfu", "tokens"} (tokens = rows x T trained on, padding included) and evaluations
+"tok_per_s", "bf16_mfu", "tokens"} (loss = the mean over rank 0's assistant tokens of the step, 0 if it
+had none; tokens = rows x T trained on, padding included) and evaluations
 {"step", "val_bpb"} and/or the ChatCORE score under its name's key (chat_eval.chatcore).
 """
 
@@ -119,18 +127,25 @@ INHERITED = {"max_seq_len": 2048, "device_batch_size": 32, "total_batch_size": 5
              "embedding_lr": 0.3, "unembedding_lr": 0.004, "matrix_lr": 0.02}  # fallbacks, as the reference's
 
 
-def train_mixture(c: SFTConfig):
+def own_conversations(c: SFTConfig) -> list:
+    """The --identity (twice) and --extra-jsonl tasks. Read first, before anything is downloaded or
+    --overwrite deletes a checkpoint, so a bad line fails at once."""
+    tasks = []
+    if c.identity:
+        tasks += [CustomJSON(c.identity)] * 2
+    if c.extra_jsonl:
+        tasks.append(CustomJSON(c.extra_jsonl))
+    return tasks
+
+
+def train_mixture(c: SFTConfig, own: list):
     tasks = [SmolTalk(split="train"), *[MMLU(subset="auxiliary_train", split="train")] * c.mmlu_epochs,
              *[GSM8K(subset="main", split="train")] * c.gsm8k_epochs]
     if c.spelling_bee > 0:
         tasks.append(SpellingBee(size=c.spelling_bee, split="train"))
     if c.simple_spelling > 0:
         tasks.append(SimpleSpelling(size=c.simple_spelling, split="train"))
-    if c.identity:
-        tasks += [CustomJSON(c.identity)] * 2
-    if c.extra_jsonl:
-        tasks.append(CustomJSON(c.extra_jsonl))
-    return TaskMixture(tasks)
+    return TaskMixture(tasks + own)
 
 
 def val_mixture():
@@ -165,6 +180,12 @@ def check_config(c: SFTConfig):
                             "at most 1")
     if c.init_lr_frac <= 0:
         raise PicochatError(f"--init-lr-frac must be positive (got {c.init_lr_frac})")
+    for name in ("mmlu_epochs", "gsm8k_epochs", "spelling_bee", "simple_spelling"):
+        if getattr(c, name) < 0:
+            raise PicochatError(f"--{name.replace('_', '-')} must be at least 0 (got {getattr(c, name)})")
+    for name in ("max_seq_len", "device_batch_size", "total_batch_size"):
+        if getattr(c, name) is not None and getattr(c, name) < 1:
+            raise PicochatError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(c, name)})")
 
 
 def inherit(c: SFTConfig, base_meta: dict) -> SFTConfig:
@@ -188,6 +209,7 @@ class Run:
     scaler: object
     loader: SFTLoader
     val_data: object
+    chatcore_tasks: dict | None  # name -> task, built before training (None: no ChatCORE)
     accum: int
     flops_per_token: float
     peak_flops: float | None
@@ -200,11 +222,14 @@ def setup(c: SFTConfig, rt):
     base_dir, base_step = ckpt.resolve_checkpoint("base", c.model_tag, c.model_step)
     base_meta = ckpt.load_meta(base_dir, base_step)
     c = inherit(c, base_meta)
+    accum = grad_accum_steps(c.total_batch_size, c.device_batch_size, c.max_seq_len, rt.world_size)
+    own = own_conversations(c)
     tag = c.output_tag or base_dir.name
     ckpt_dir = ckpt.checkpoint_dir("sft", tag)
     resume_step = find_resume_step(ckpt_dir, c.resume, c.resume_from_step, c.overwrite, rt.rank, rt.ddp)
-    accum = grad_accum_steps(c.total_batch_size, c.device_batch_size, c.max_seq_len, rt.world_size)
-    train_data, val_data = train_mixture(c), val_mixture()  # downloads what is missing, before the model
+    # downloads what is missing, before the model; the ChatCORE tasks too, rather than at its first eval
+    train_data, val_data = train_mixture(c, own), val_mixture()
+    chatcore_tasks = {name: build_task(name) for name in CHATCORE_TASKS} if c.chatcore_every > 0 else None
 
     model, tokenizer, _ = ckpt.load_model("base", rt.device, rt.dtype, base_dir.name, base_step)
     print0(model.attention_summary())
@@ -232,7 +257,7 @@ def setup(c: SFTConfig, rt):
             "max_seq_len": c.max_seq_len, "total_batch_size": c.total_batch_size, "world_size": rt.world_size,
             "compute_dtype": str(rt.dtype), "base_checkpoint": {"tag": base_dir.name, "step": base_step}}
     r = Run(c, rt, tokenizer, get_token_bytes(rt.device), model, orig_model, optimizer, scaler, loader, val_data,
-            accum, orig_model.estimate_flops(), get_peak_flops(device_name(rt.device)), ckpt_dir, meta)
+            chatcore_tasks, accum, orig_model.estimate_flops(), get_peak_flops(device_name(rt.device)), ckpt_dir, meta)
     print0(f"SFT from base {base_dir.name} step {base_step} -> {ckpt_dir} | {len(train_data):,} training "
            f"conversations | batch {c.total_batch_size:,} tokens = {c.device_batch_size} x {c.max_seq_len} x "
            f"{rt.world_size} x {accum} | lrs x{c.init_lr_frac}: embedding {c.embedding_lr}, unembedding "
@@ -251,6 +276,10 @@ def load_base_optimizer(optimizer, base_dir, base_step, base_meta, rt):
         print0(f"--load-optimizer: the base run had {base_meta.get('world_size')} process(es), this one has "
                f"{rt.world_size}: starting with a fresh optimizer")
         return
+    if not ckpt.optim_path(base_dir, base_step, rt.rank).exists():
+        raise PicochatError(f"--load-optimizer 1: the base checkpoint at step {base_step} in {base_dir} has no "
+                            f"optimizer state for rank {rt.rank} ({ckpt.optim_path(base_dir, base_step, rt.rank).name})"
+                            ": pass --load-optimizer 0 to start with a fresh optimizer")
     lrs = [group["lr"] for group in optimizer.param_groups]
     optimizer.load_state_dict(ckpt.load_optim_state(base_dir, base_step, rt.rank, rt.device)["optimizer"])
     for group, lr in zip(optimizer.param_groups, lrs):
@@ -281,13 +310,15 @@ def evaluate(r: Run, step: int, last: bool, loop: LoopState) -> dict:
         r.orig_model.eval()
         engine = Engine(r.orig_model, r.tokenizer)
         results = {}
-        for name in CHATCORE_TASKS:
-            task = build_task(name)
+        for name, task in r.chatcore_tasks.items():
             cap = c.chatcore_max_cat if task.eval_type == "categorical" else c.chatcore_max_sample
+            # categorical prompts go through in batches of the training's rows, as the reference does
             results[name] = evaluate_task(task, r.orig_model, r.tokenizer, engine, rt.device,
-                                          max_problems=cap if cap > 0 else None)
+                                          batch_size=c.device_batch_size, max_problems=cap if cap > 0 else None)
         r.orig_model.train()
-        name, key, value = chatcore(results, capped=c.chatcore_max_cat > 0 or c.chatcore_max_sample > 0)
+        # partial only where a cap actually left problems out (a cap above a task's size does not)
+        capped = any(res["total"] < res["task_size"] for res in results.values())
+        name, key, value = chatcore(results, capped)
         record[key] = value
         print0(f"step {step:05d} | {name}: {value:.4f} | "
                + ", ".join(f"{task} {res['accuracy']:.4f}" for task, res in results.items()))
@@ -372,10 +403,14 @@ def train(c: SFTConfig, rt, stop) -> dict:
                    f"{r.loader.position()}")
             if wandb_run is not None and step % 10 == 0:
                 wandb_run.log({"train/loss": loss, "train/lrm": lrm, "train/dt": dt, "train/bf16_mfu": mfu}, step=step)
+            # as in base-train: the collector's full passes over the long-lived objects are slow,
+            # and after the first step little cyclic garbage is made (the evals make some)
             if step == first_step:
                 gc.collect()
                 gc.freeze()
                 gc.disable()
+            elif step % 5000 == 0:
+                gc.collect()
             step += 1
     finally:
         metrics.close()
@@ -442,3 +477,9 @@ def main(argv=None):
     args = vars(p.parse_args(argv))
     args["load_optimizer"] = bool(args["load_optimizer"])
     run(SFTConfig(**args))
+
+
+if __name__ == "__main__":
+    from picochat import cli
+
+    cli.run(main)

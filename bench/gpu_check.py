@@ -20,6 +20,8 @@ Sections:
    bandwidth roofline (weight + KV bytes per step over peak memory bandwidth), for d12 and d24
 5. 2-GPU NCCL step: two data-parallel steps of picochat's sharded MuonAdamW in 2 processes; every
    parameter must move and end identical on both ranks
+6. SFT step: chat-sft's step at d12 (token-weighted loss over 2 micro-batches whose targets are
+   half masked, then the optimizer step), compiled, at the batch section 1 found to fit
 
 What cannot run here says "skipped: <why>" (FA3 that does not load, a single GPU). One deadline
 covers the run: an item not started by then is "skipped: deadline", one still running is stopped
@@ -59,7 +61,14 @@ from picochat import attention
 from picochat.cli import HelpFormatter
 from picochat.common import compute_cleanup, compute_init, device_name, get_base_dir, get_peak_flops, synchronize
 from picochat.gpt import build_model, config_from_depth, window_sizes
-from picochat.training import backward, format_mfu, make_scaler, model_flops_utilization, optimizer_step
+from picochat.training import (
+    backward,
+    format_mfu,
+    make_scaler,
+    model_flops_utilization,
+    optimizer_step,
+    token_weighted_backward,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -69,6 +78,7 @@ SECTIONS = {
     "loss": "3. loss falls",
     "kv_decode": "4. KV-cache decode",
     "nccl": "5. 2-GPU NCCL step",
+    "sft": "6. SFT step",
 }
 # Training throughput runs under each; "flex/sdpa" is picochat's own choice with FA3 out of the way
 SETTINGS = ("fa3", "flex/sdpa")
@@ -301,6 +311,30 @@ class Checks:
         parts.append(f"step cost ctx {max(s.decode_contexts)} / {min(s.decode_contexts)}: {growth}")
         return {"status": "ok", "depth": depth, **result, "summary": f"d{depth}: " + "; ".join(parts)}
 
+    def sft_step(self, depth: int) -> dict:
+        rt, s = self.rt, self.sizes
+        batch = self.fits.get(depth, s.batches[-1])
+        model, step_fn, optimizer = self.training_setup(depth)
+        inputs, targets = fixed_batch(batch, s, rt.device)
+        # alternate 64-token spans unsupervised, as user turns are in SFT rows
+        span = (torch.arange(s.seq_len, device=rt.device) // 64) % 2 == 0
+        targets = targets.masked_fill(span, -1)
+        micro = [(inputs, targets)] * 2
+
+        def step():
+            token_weighted_backward(step_fn, micro, self.scaler, ddp=False, world_size=1)
+            optimizer_step(optimizer, self.scaler, ddp=False)
+
+        for _ in range(s.warmup):  # compiles the summed-loss graph
+            step()
+        dt = seconds_per_call(step, s.steps, rt.device)
+        tokens = 2 * batch * s.seq_len
+        mfu = model_flops_utilization(model.estimate_flops(), tokens, dt, get_peak_flops(device_name(rt.device)), 1)
+        return {"status": "ok", "depth": depth, "batch": batch, "accum": 2, "tok_per_s": round(tokens / dt),
+                "step_ms": round(1000 * dt, 2), "mfu": None if mfu is None else round(mfu, 2),
+                "summary": f"d{depth} B={batch} x 2 micro-batches: {round(tokens / dt):,} tok/s, MFU "
+                           f"{format_mfu(mfu)}{'' if mfu is None else '%'}, {1000 * dt:.1f} ms/step"}
+
     def nccl_step(self) -> dict:
         visible = torch.cuda.device_count()
         if self.rt.device.type != "cuda" or visible < 2:
@@ -453,6 +487,7 @@ def plan(checks: Checks, sizes: Sizes, sections: set) -> list:
     items += [Item("attention", b, lambda b=b: checks.attention_op(b)) for b in attention.BACKENDS]
     items.append(Item("kv_decode", f"d{first}", lambda: checks.kv_decode(first)))
     items.append(Item("nccl", "2 ranks", checks.nccl_step))
+    items.append(Item("sft", f"d{first}", lambda: checks.sft_step(first)))
     items += [Item("throughput", f"d{d} {s}", lambda d=d, s=s: checks.throughput(d, s)) for d in rest for s in SETTINGS]
     items += [Item("kv_decode", f"d{d}", lambda d=d: checks.kv_decode(d)) for d in rest]
     for item in items:

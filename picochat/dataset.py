@@ -113,7 +113,7 @@ def _open_checked(path) -> pq.ParquetFile:
     try:
         pf = pq.ParquetFile(path)
     except (OSError, pa.ArrowException) as e:
-        raise ShardError(f"not a readable parquet file ({_first_line(e)})") from None
+        raise ShardError(f"not a readable parquet file ({first_line(e)})") from None
     schema = pf.schema_arrow
     if "text" not in schema.names:
         raise ShardError(f"no 'text' column (columns: {', '.join(schema.names)})")
@@ -123,7 +123,8 @@ def _open_checked(path) -> pq.ParquetFile:
     return pf
 
 
-def _first_line(e: Exception) -> str:
+def first_line(e: Exception) -> str:
+    """The first line of an error's message, for one-line errors (shards and task data alike)."""
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
 
@@ -140,7 +141,7 @@ def _texts(pf: pq.ParquetFile, path, rg_idx: int) -> list[str]:
     try:
         return pf.read_row_group(rg_idx, columns=["text"]).column("text").to_pylist()
     except (OSError, pa.ArrowException) as e:
-        raise PicochatError(f"{path}: cannot read row group {rg_idx} ({_first_line(e)})") from None
+        raise PicochatError(f"{path}: cannot read row group {rg_idx} ({first_line(e)})") from None
 
 
 def num_row_groups(path) -> int:
@@ -218,7 +219,9 @@ def _open_source(source: str, timeout: float):
         yield path.stat().st_size, iter(lambda: f.read(CHUNK_BYTES), b"")
 
 
-def _fetch_once(source: str, tmp: Path, timeout: float, stop: threading.Event, name: str):
+def fetch_once(source: str, tmp: Path, timeout: float, stop: threading.Event, name: str):
+    """One attempt to copy source (URL or path) to tmp with a progress bar; the task-data download
+    (tasks/data.py) retries it under its own checks."""
     with _open_source(source, timeout) as (total, chunks), open(tmp, "wb") as out, \
             tqdm(total=total, desc=name, unit="B", unit_scale=True, unit_divisor=1024, leave=False) as bar:
         written = 0
@@ -240,16 +243,16 @@ def fetch_shard(source: str, final: Path, attempts: int = 5, backoff: float = 2.
     tmp = final.with_name(final.name + ".tmp")
     for attempt in range(1, attempts + 1):
         try:
-            _fetch_once(source, tmp, timeout, stop, final.name)
+            fetch_once(source, tmp, timeout, stop, final.name)
             _open_checked(tmp)
             os.replace(tmp, final)
             return
         except (OSError, ShardError) as e:  # requests' errors are OSErrors too
             if attempt == attempts:
                 tries = f"{attempts} attempts" if attempts > 1 else "1 attempt"
-                raise PermanentError(f"failed after {tries}: {_first_line(e)}") from None
+                raise PermanentError(f"failed after {tries}: {first_line(e)}") from None
             delay = backoff * 2 ** (attempt - 1)
-            tqdm.write(f"{final.name}: attempt {attempt}/{attempts} failed ({_first_line(e)}); "
+            tqdm.write(f"{final.name}: attempt {attempt}/{attempts} failed ({first_line(e)}); "
                        f"retrying in {delay:g}s")
         finally:
             tmp.unlink(missing_ok=True)

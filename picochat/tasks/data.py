@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from picochat.common import PicochatError, get_base_dir, is_url
-from picochat.dataset import PermanentError, _fetch_once, _first_line
+from picochat.dataset import PermanentError, fetch_once, first_line
 
 MIRROR_ENV = "PICOCHAT_TASK_DATA_URL"
 HUB_API = "https://huggingface.co/api/datasets"
@@ -102,12 +102,12 @@ def _read_split(folder: Path) -> pa.Table:
         try:
             tables.append(pq.read_table(folder / name))
         except (OSError, pa.ArrowException) as e:
-            raise PicochatError(f"{folder / name}: not a readable parquet file ({_first_line(e)}); "
+            raise PicochatError(f"{folder / name}: not a readable parquet file ({first_line(e)}); "
                                 f"delete {folder} to download it again") from None
     try:
         return pa.concat_tables(tables)
     except pa.ArrowException as e:
-        raise PicochatError(f"{folder}: its parquet files do not share one schema ({_first_line(e)})") from None
+        raise PicochatError(f"{folder}: its parquet files do not share one schema ({first_line(e)})") from None
 
 
 def load_word_list() -> list[str]:
@@ -220,16 +220,16 @@ def _fetch(source: str, final: Path, check):
     tmp = final.with_name(final.name + ".tmp")
     for attempt in range(1, ATTEMPTS + 1):
         try:
-            _fetch_once(source, tmp, TIMEOUT, threading.Event(), final.name)
+            fetch_once(source, tmp, TIMEOUT, threading.Event(), final.name)
             check(tmp)
             os.replace(tmp, final)
             return
         except (OSError, ValueError, pa.ArrowException) as e:  # requests' errors are OSErrors
             if attempt == ATTEMPTS:
                 raise PermanentError(f"{source}: failed after {ATTEMPTS} attempt{'s' * (ATTEMPTS > 1)}: "
-                                     f"{_first_line(e)}") from None
+                                     f"{first_line(e)}") from None
             delay = BACKOFF * 2 ** (attempt - 1)
-            tqdm.write(f"{final.name}: attempt {attempt}/{ATTEMPTS} failed ({_first_line(e)}); retrying in {delay:g}s")
+            tqdm.write(f"{final.name}: attempt {attempt}/{ATTEMPTS} failed ({first_line(e)}); retrying in {delay:g}s")
         finally:
             tmp.unlink(missing_ok=True)
         time.sleep(delay)

@@ -21,7 +21,8 @@ Sections:
 5. 2-GPU NCCL step: two data-parallel steps of picochat's sharded MuonAdamW in 2 processes; every
    parameter must move and end identical on both ranks
 6. SFT step: chat-sft's step at d12 (token-weighted loss over 2 micro-batches whose targets are
-   half masked, then the optimizer step), compiled, at the batch section 1 found to fit
+   half masked, then the optimizer step), compiled, at the batch section 1 found to fit (the
+   smallest batch when section 1 did not run)
 
 What cannot run here says "skipped: <why>" (FA3 that does not load, a single GPU). One deadline
 covers the run: an item not started by then is "skipped: deadline", one still running is stopped

@@ -10,6 +10,12 @@ Two kinds of task (task.eval_type):
   completions does (pass@num_samples).
 Whole batches of problems go to the ranks in turn, and the counts are summed.
 
+What batching changes, for generative tasks: a padded row computes what it would alone only up to
+rounding (in bf16 that can flip a near-tie of greedy decoding); with temperature > 0 one seeded
+generator serves the batch, so a problem's samples depend on its batch-mates; and the new-token
+budget is cut by the batch's longest prompt near the model's context limit. batch_size 1 on one
+process is the reference's way (each problem alone, seed 42).
+
 ChatCORE: the mean over ARC-Easy, ARC-Challenge, MMLU, GSM8K and HumanEval of each accuracy
 centered on its random-guess baseline. Like CORE (core_eval.core_metric_name), only all five run
 in full is "ChatCORE"; anything less is named for what it left out. SpellingBee is evaluated but
@@ -141,8 +147,8 @@ def evaluate_task(task, model, tokenizer, engine, device, batch_size: int = 8, n
     all) are split across ranks. Returns {accuracy, correct, total, seconds, max_problems,
     task_size}: the counts summed over ranks, task_size the problems the task has (total is less
     when max_problems cut it). batch_size is problems per forward (categorical) or per sampling
-    batch of batch_size x num_samples rows (generative); the sampling arguments apply to
-    generative tasks (top_k 0: all tokens)."""
+    batch (generative: batch_size x num_samples rows, one per problem at temperature 0); the
+    sampling arguments apply to generative tasks (top_k 0: all tokens)."""
     t0 = time.time()
     label = task if isinstance(task, str) else type(task).__name__
     if isinstance(task, str):

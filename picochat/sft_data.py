@@ -30,6 +30,7 @@ class SFTLoader:
         self.cursor, self.epoch = rank, 1  # the next conversation this rank takes, and its epoch
         self.buffer = []  # (dataset index, ids, mask), in arrival order
         self.packed = 0  # conversations this rank has put into rows
+        self.packed_before = 0  # ... before the latest batch
 
     def render(self, index: int):
         ids, mask = self.tokenizer.render_conversation(self.dataset[index], max_tokens=self.seq_len + 1)
@@ -44,10 +45,14 @@ class SFTLoader:
                 self.epoch += 1
 
     def progress(self) -> float:
-        """Epochs trained so far, fractional (1.0 = the whole dataset once, over all ranks): counted
-        in conversations packed into rows, not read into the buffer, so one epoch trains on every
-        conversation even when the dataset is no bigger than the buffer."""
+        """Epochs in the batches handed out so far, fractional (1.0 = the whole dataset once, over
+        all ranks): counted in conversations packed into rows, not read into the buffer."""
         return self.packed * self.world_size / len(self.dataset)
+
+    def progress_before_latest(self) -> float:
+        """progress() without the latest batch: what a loop that holds that batch, not yet trained
+        on, has trained. Stopping when this reaches 1 trains on every conversation of the epoch."""
+        return self.packed_before * self.world_size / len(self.dataset)
 
     def next_row(self):
         """(ids, mask) of one row of T+1 tokens."""
@@ -69,6 +74,7 @@ class SFTLoader:
         return self
 
     def __next__(self):
+        self.packed_before = self.packed
         rows = [self.next_row() for _ in range(self.batch_size)]
         ids = torch.tensor([r[0] for r in rows], dtype=torch.long)
         mask = torch.tensor([r[1] for r in rows], dtype=torch.bool)
@@ -76,7 +82,7 @@ class SFTLoader:
         return ids[:, :-1].to(self.device), targets.to(self.device)
 
     def state_dict(self) -> dict:
-        return {"cursor": self.cursor, "epoch": self.epoch, "packed": self.packed,
+        return {"cursor": self.cursor, "epoch": self.epoch, "packed": self.packed, "packed_before": self.packed_before,
                 "buffer": [index for index, _, _ in self.buffer],
                 "rank": self.rank, "world_size": self.world_size, "dataset_size": len(self.dataset)}
 
@@ -86,8 +92,9 @@ class SFTLoader:
             raise PicochatError(f"the SFT data position was saved for rank {state['rank']} of {state['world_size']} "
                                 f"over {state['dataset_size']:,} conversations; this is rank {self.rank} of "
                                 f"{self.world_size} over {len(self.dataset):,}: resume with the same data and world")
-        self.cursor, self.epoch, self.packed = state["cursor"], state["epoch"], state["packed"]
+        self.cursor, self.epoch = state["cursor"], state["epoch"]
+        self.packed, self.packed_before = state["packed"], state["packed_before"]
         self.buffer = [self.render(index) for index in state["buffer"]]
 
     def position(self) -> str:
-        return f"epoch {self.epoch} conversation {self.cursor:,}/{len(self.dataset):,}"
+        return f"{self.packed_before:,} conversations trained"

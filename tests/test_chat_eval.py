@@ -189,7 +189,8 @@ def run_stage(capsys, *argv):
 
 def test_stage_table_json_and_partial_name(eval_home, capsys):
     out = run_stage(capsys, "-i", "base", "-x", "4", "-m", "6", "-b", "3", "--device-type", "cpu")
-    record = json.loads((eval_home / "chat_eval" / "base_d2" / "step_000040.json").read_text())
+    results = eval_home / "chat_eval" / "base_d2"
+    record = json.loads((results / "step_000040_max4.json").read_text())
     assert list(record["tasks"]) == list(chat_eval.TASKS)
     assert record["metric_name"] == "ChatCORE (partial: at most 4 problems per task)" and record["chatcore"] is None
     for r in record["tasks"].values():
@@ -200,9 +201,10 @@ def test_stage_table_json_and_partial_name(eval_home, capsys):
                    for n in CHATCORE_TASKS) / len(CHATCORE_TASKS)
     assert record["metric"] == pytest.approx(expected)
 
-    # two tasks in full: partial by tasks only, and the first checkpoint's file is replaced, not duplicated
+    # two tasks in full: partial by tasks only, in a file of its own (the capped run's stays)
     run_stage(capsys, "-a", "ARC-Challenge|SpellingBee", "-m", "4", "--device-type", "cpu")
-    record = json.loads((eval_home / "chat_eval" / "base_d2" / "step_000040.json").read_text())
+    record = json.loads((results / "step_000040_ARC-Challenge-SpellingBee.json").read_text())
+    assert (results / "step_000040_max4.json").exists() and not (results / "step_000040.json").exists()
     assert list(record["tasks"]) == ["ARC-Challenge", "SpellingBee"]
     assert record["metric_key"] == "chatcore_partial_1of5" and record["tasks"]["ARC-Challenge"]["total"] == 7
 
@@ -226,7 +228,7 @@ def test_two_ranks_split_the_problems_and_sum_the_counts(eval_home, capsys):
     counts are the single process's."""
     args = ["-i", "base", "-a", "ARC-Easy|MMLU|GSM8K", "-x", "7", "-m", "5", "-b", "2", "--device-type", "cpu"]
     run_stage(capsys, *args)
-    path = eval_home / "chat_eval" / "base_d2" / "step_000040.json"
+    path = eval_home / "chat_eval" / "base_d2" / "step_000040_ARC-Easy-MMLU-GSM8K_max7.json"
     single = json.loads(path.read_text())
     path.unlink()
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
@@ -238,4 +240,5 @@ def test_two_ranks_split_the_problems_and_sum_the_counts(eval_home, capsys):
     for name in ("ARC-Easy", "MMLU", "GSM8K"):
         assert double["tasks"][name]["total"] == single["tasks"][name]["total"] == (6 if name == "GSM8K" else 7)
         assert double["tasks"][name]["correct"] == single["tasks"][name]["correct"]
+    assert single["tasks"]["ARC-Easy"]["correct"] + single["tasks"]["MMLU"]["correct"] > 0  # counts to compare
     assert done.stdout.count("results written to") == 1  # rank 0 alone writes and prints

@@ -149,8 +149,11 @@ def test_one_epoch_without_num_iterations(home):
     train = [r for r in metrics(home) if "loss" in r]
     assert result["step"] == len(train) >= 1
     progress = [r["progress"] for r in train]
-    assert progress == sorted(progress) and progress[-1] < 1.0
-    assert ckpt.load_meta(home / "sft_checkpoints" / "d2", result["step"])["dataloader_state"]["epoch"] == 2
+    assert progress == sorted(progress) and progress[0] == 0 and progress[-1] < 1.0
+    # the last step trained the batch that completed the epoch: every conversation of it
+    state = ckpt.load_meta(home / "sft_checkpoints" / "d2", result["step"])["dataloader_state"]
+    assert state["packed_before"] >= state["dataset_size"] > state["packed_before"] - 4 * 4
+    assert state["epoch"] == 2
     for r in train:
         assert r["lrm"] == lr_multiplier(r["progress"], 0.0, 0.3, 0.0)
 
@@ -264,8 +267,9 @@ def test_chatcore_during_training_is_partial_when_capped(home):
     records = [r for r in metrics(home) if "loss" not in r]
     assert [r["step"] for r in records] == [2, 3]
     for r in records:
-        (key,) = set(r) - {"step"}
-        assert key.startswith("chatcore_partial") and -1.0 <= r[key] <= 1.0
+        # all five tasks, and the categorical three alone (the reference's ChatCORE_cat)
+        assert set(r) - {"step"} == {"chatcore_partial_max2on2_max4on3", "chatcore_partial_3of5_max4"}
+        assert all(-1.0 <= r[key] <= 1.0 for key in set(r) - {"step"})
     assert records[0].keys() == records[1].keys()
     assert not any("chatcore" in r for r in metrics(home))
 
@@ -279,6 +283,10 @@ def test_chatcore_data_is_fetched_before_training(home, mirror, tmp_path, monkey
     assert "openai_humaneval" in one_line(excinfo)
     assert not ckpt.complete_steps(home / "sft_checkpoints" / "d2")
     run(config(num_iterations=1))  # without ChatCORE that data is not needed
+    # --overwrite with data that cannot be had fails before it deletes the run it would replace
+    with pytest.raises(PicochatError, match="openai_humaneval"):
+        run(config(num_iterations=2, chatcore_every=1, overwrite=True))
+    assert ckpt.complete_steps(home / "sft_checkpoints" / "d2") == [1]
 
 
 # ---------------------------------------------------------------------------
@@ -298,6 +306,7 @@ def test_errors(home, capsys):
         run(config(resume_from_step=4))
     with pytest.raises(PicochatError, match="no complete checkpoint in .*base_checkpoints/d9"):
         run(config(model_tag="d9"))
+    capsys.readouterr()  # the runs above fetched the task data first
     with pytest.raises(SystemExit) as exit_info:
         cli.run(chat_sft.main, ["--device-type", "cpu", "--resume", "--overwrite"])
     assert exit_info.value.code == 1

@@ -75,3 +75,20 @@ def test_exact_resume(small_tokenizer):
     restored.load_state_dict(state)
     for (x1, y1), (x2, y2) in zip(expected, [next(restored) for _ in range(4)]):
         assert torch.equal(x1, x2) and torch.equal(y1, y2)
+
+
+def test_stopping_at_progress_one_trains_every_conversation(small_tokenizer):
+    """A loop holds one batch ahead; it stops once progress_before_latest reaches 1. Counted by
+    hand in the rows (each conversation starts with BOS then <|user_start|>; padding is only
+    BOS), the batches before the held one carry the whole dataset: none is left untrained."""
+    tok = small_tokenizer
+    bos, user_start = tok.get_bos_token_id(), tok.encode_special("<|user_start|>")
+    data = DATA * 5  # 15 conversations, fewer than the buffer holds
+    loader = SFTLoader(tok, data, batch_size=2, seq_len=40, device="cpu")
+    trained, held = [], next(loader)
+    while loader.progress_before_latest() < 1:
+        trained.append(held)
+        held = next(loader)
+    starts = sum(int(((x[:, :-1] == bos) & (x[:, 1:] == user_start)).sum()) for x, _ in trained)
+    last = int(((trained[-1][0][:, :-1] == bos) & (trained[-1][0][:, 1:] == user_start)).sum())
+    assert len(data) <= starts < len(data) + last

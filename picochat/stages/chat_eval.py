@@ -4,7 +4,8 @@ and SpellingBee (or the tasks -a names), then ChatCORE over the first five (see 
 The model is the latest checkpoint of the most trained stage (rl, then sft, then base) unless
 -i/-g/-s say otherwise; a base model can be evaluated too. -x caps the problems per task for quick
 runs, which makes the ChatCORE partial (and named so). Prints a table of the tasks and writes
-$PICOCHAT_HOME/chat_eval/<source>_<model-tag>/step_<step:06d>.json (a later run on the same
+$PICOCHAT_HOME/chat_eval/<source>_<model-tag>/step_<step:06d>.json, or, for a subset of the tasks
+or capped problems, step_<step:06d>_<tasks>_max<N>.json (a later run of the same kind on the same
 checkpoint replaces it). Runs as one process or under torchrun (problems are split across ranks).
 """
 
@@ -54,6 +55,14 @@ def check_config(c: ChatEvalConfig):
         raise PicochatError(f"-x/--max-problems must be at least 1 (got {c.max_problems})")
 
 
+def results_name(step: int, names: list[str], max_problems: int | None) -> str:
+    """step_NNNNNN.json for every task in full; a subset or a cap gets its own file, so a quick
+    run never replaces a full one."""
+    suffix = "" if names == list(TASKS) else "_" + "-".join(names)
+    suffix += "" if max_problems is None else f"_max{max_problems}"
+    return f"step_{step:06d}{suffix}.json"
+
+
 def run(c: ChatEvalConfig) -> dict:
     """Evaluate one checkpoint; returns the record written to the JSON file."""
     check_config(c)
@@ -89,7 +98,7 @@ def run(c: ChatEvalConfig) -> dict:
         if rt.master:
             out_dir = get_base_dir() / "chat_eval" / f"{source}_{tag}"
             out_dir.mkdir(parents=True, exist_ok=True)
-            path = out_dir / f"step_{step:06d}.json"
+            path = out_dir / results_name(step, names, c.max_problems)
             tmp = path.with_name(path.name + ".tmp")
             tmp.write_text(json.dumps(record, indent=2) + "\n")
             os.replace(tmp, path)  # a reader never sees half a file
@@ -118,7 +127,9 @@ def main(argv=None):
     p.add_argument("-k", "--top-k", type=int, default=d.top_k, help="sample from the k likeliest tokens (0 = all)")
     p.add_argument("-b", "--batch-size", type=int, default=d.batch_size,
                    help="problems evaluated together: per forward pass (categorical tasks), or per sampling "
-                        "batch of batch-size x num-samples rows (generative tasks)")
+                        "batch of batch-size x num-samples rows (generative tasks; one row per problem at "
+                        "temperature 0). Generative scores can shift slightly with it (rounding, and samples "
+                        "drawn per batch); 1 evaluates each problem alone, as the reference does")
     p.add_argument("-g", "--model-tag", default=d.model_tag, help="checkpoint folder (default: the largest d<N>)")
     p.add_argument("-s", "--step", type=int, default=d.step, help="checkpoint step (default: the last one)")
     p.add_argument("-x", "--max-problems", type=int, default=d.max_problems,

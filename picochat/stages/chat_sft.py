@@ -9,17 +9,24 @@ mixture, or steps with --num-iterations): flat, then linear to --final-lr-frac o
 optimizer state (momentum buffers and group settings, e.g. its final weight decay) comes along.
 
 The training mixture: SmolTalk, --mmlu-epochs x MMLU auxiliary_train, --gsm8k-epochs x GSM8K,
-SpellingBee and SimpleSpelling (they teach the python tool), --identity conversations twice and
---extra-jsonl conversations once; shuffled together once (seed 42). Validation: SmolTalk test,
-MMLU test[:5200], GSM8K test[:420]. Rows are packed by sft_data.SFTLoader; the loss is the mean
-over every assistant token of the accumulated batch (training.token_weighted_backward). The
---identity and --extra-jsonl files are read first, then every task's data is fetched (ChatCORE's
-too, when --chatcore-every is on), all before the model is built.
+SpellingBee and SimpleSpelling, --identity conversations twice and --extra-jsonl conversations
+once; shuffled together once (seed 42). The spelling tasks are the reference's mixture before
+2026-07-03 (it dropped them to save lines; they teach the python tool), so an epoch here is about a
+third longer than the current reference's; --spelling-bee 0 --simple-spelling 0 gives its mixture.
+Validation: SmolTalk test, MMLU test[:5200], GSM8K test[:420]. Rows are packed by
+sft_data.SFTLoader; the loss is the mean over every assistant token of the accumulated batch
+(training.token_weighted_backward). The --identity and --extra-jsonl files are read first, then
+every task's data is fetched (ChatCORE's too, when --chatcore-every is on), all before the model is
+built.
 
 ChatCORE during training (chat_eval): ARC-Easy, ARC-Challenge and MMLU on their first
 --chatcore-max-cat problems, GSM8K and HumanEval on their first --chatcore-max-sample (greedy, up
 to 512 new tokens), on the weights of that step; partial, and named so, whenever a cap left
-problems out.
+problems out. Also the categorical three alone (the reference's ChatCORE_cat, logged under the
+partial key chat_eval.chatcore gives it).
+
+An epoch ends once every conversation of the mixture has been trained on (progress 1.0); the
+reference stops one prefetched batch short of that.
 
 Beyond the reference: exact resume (--resume, as base-train), a fresh run never deletes a tag's
 checkpoints without --overwrite, and long conversations are truncated to a row, not dropped.
@@ -180,6 +187,9 @@ def check_config(c: SFTConfig):
                             "at most 1")
     if c.init_lr_frac <= 0:
         raise PicochatError(f"--init-lr-frac must be positive (got {c.init_lr_frac})")
+    for name in ("chatcore_max_cat", "chatcore_max_sample"):
+        if getattr(c, name) == 0 or getattr(c, name) < -1:
+            raise PicochatError(f"--{name.replace('_', '-')} must be -1 (all) or at least 1 (got {getattr(c, name)})")
     for name in ("mmlu_epochs", "gsm8k_epochs", "spelling_bee", "simple_spelling"):
         if getattr(c, name) < 0:
             raise PicochatError(f"--{name.replace('_', '-')} must be at least 0 (got {getattr(c, name)})")
@@ -224,12 +234,13 @@ def setup(c: SFTConfig, rt):
     c = inherit(c, base_meta)
     accum = grad_accum_steps(c.total_batch_size, c.device_batch_size, c.max_seq_len, rt.world_size)
     own = own_conversations(c)
+    # downloads what is missing, before the model; the ChatCORE tasks too, rather than at its first
+    # eval; and before --overwrite deletes anything, so a failed download leaves the old run whole
+    train_data, val_data = train_mixture(c, own), val_mixture()
+    chatcore_tasks = {name: build_task(name) for name in CHATCORE_TASKS} if c.chatcore_every > 0 else None
     tag = c.output_tag or base_dir.name
     ckpt_dir = ckpt.checkpoint_dir("sft", tag)
     resume_step = find_resume_step(ckpt_dir, c.resume, c.resume_from_step, c.overwrite, rt.rank, rt.ddp)
-    # downloads what is missing, before the model; the ChatCORE tasks too, rather than at its first eval
-    train_data, val_data = train_mixture(c, own), val_mixture()
-    chatcore_tasks = {name: build_task(name) for name in CHATCORE_TASKS} if c.chatcore_every > 0 else None
 
     model, tokenizer, _ = ckpt.load_model("base", rt.device, rt.dtype, base_dir.name, base_step)
     print0(model.attention_summary())
@@ -287,8 +298,9 @@ def load_base_optimizer(optimizer, base_dir, base_step, base_meta, rt):
 
 
 def global_progress(loader: SFTLoader, rt) -> float:
-    """The mixture epochs consumed, the same number on every rank (the furthest rank's)."""
-    progress = loader.progress()
+    """The mixture epochs trained on (the batch the loop holds is not yet), the same number on every
+    rank (the furthest rank's)."""
+    progress = loader.progress_before_latest()
     if rt.ddp:
         t = torch.tensor(progress, dtype=torch.float64, device=rt.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -320,7 +332,12 @@ def evaluate(r: Run, step: int, last: bool, loop: LoopState) -> dict:
         capped = any(res["total"] < res["task_size"] for res in results.values())
         name, key, value = chatcore(results, capped)
         record[key] = value
-        print0(f"step {step:05d} | {name}: {value:.4f} | "
+        # the reference's ChatCORE_cat: the categorical tasks alone, named for what it is
+        categorical = {n: res for n, res in results.items() if r.chatcore_tasks[n].eval_type == "categorical"}
+        cat_name, cat_key, cat_value = chatcore(categorical, any(res["total"] < res["task_size"]
+                                                                 for res in categorical.values()))
+        record[cat_key] = cat_value
+        print0(f"step {step:05d} | {name}: {value:.4f} | {cat_name}: {cat_value:.4f} | "
                + ", ".join(f"{task} {res['accuracy']:.4f}" for task, res in results.items()))
     return record
 

@@ -65,17 +65,34 @@ def prefill(model, rows: list[list[int]], cache: KVCache, chunk: int | None = No
     return logits[:, -1]
 
 
-def sample_next(logits, rng, temperature: float, top_k: int | None):
+def sample_next(logits, rng, temperature: float, top_k: int | None, top_p: float | None = None):
     """(B,) next tokens from (B, V) logits: argmax at temperature 0, else softmax(logits / T)
-    over the top_k largest (all when top_k is None or 0), drawn with the seeded generator."""
+    over the top_k largest (all when top_k is None or 0), then over the smallest set of those
+    whose probability reaches top_p (None or 1: all), drawn with the seeded generator."""
     if temperature == 0.0:
         return torch.argmax(logits, dim=-1)
+    top_p = None if top_p is not None and top_p >= 1.0 else top_p  # 1 keeps all: the same draws as None
     if top_k:
         values, indices = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1)
-        probs = torch.softmax(values / temperature, dim=-1)
-        return indices.gather(1, torch.multinomial(probs, 1, generator=rng)).squeeze(1)
-    probs = torch.softmax(logits / temperature, dim=-1)
-    return torch.multinomial(probs, 1, generator=rng).squeeze(1)
+    else:
+        values, indices = torch.sort(logits, dim=-1, descending=True) if top_p is not None else (logits, None)
+    probs = torch.softmax(values / temperature, dim=-1)
+    if top_p is not None:
+        # values are sorted (topk sorts): keep each token whose predecessors' mass is below top_p
+        before = torch.cumsum(probs, dim=-1) - probs
+        probs = probs.masked_fill(before >= top_p, 0.0)
+    choice = torch.multinomial(probs, 1, generator=rng)
+    return choice.squeeze(1) if indices is None else indices.gather(1, choice).squeeze(1)
+
+
+def top_logprobs(logits, tokens, k: int) -> list[tuple[float, list[tuple[int, float]]]]:
+    """Per row: the log probability of its token under the model's distribution (temperature 1,
+    no filtering) and the k likeliest tokens with theirs."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logp.gather(1, torch.tensor(tokens, device=logits.device)[:, None]).squeeze(1).tolist()
+    best = torch.topk(logp, k, dim=-1) if k else None
+    return [(c, [] if best is None else list(zip(best.indices[i].tolist(), best.values[i].tolist())))
+            for i, c in enumerate(chosen)]
 
 
 def calculator(expression: str) -> str | None:
@@ -128,11 +145,13 @@ class Engine:
 
     @torch.inference_mode()
     def generate_many(self, prompts: list[list[int]], num_samples: int = 1, max_tokens: int | None = None,
-                      temperature: float = 1.0, top_k: int | None = None, seed: int = 42):
+                      temperature: float = 1.0, top_k: int | None = None, seed: int = 42,
+                      top_p: float | None = None, logprobs: int | None = None):
         """generate for several prompts at once: the columns hold num_samples rows per prompt,
         prompt by prompt. Prompts of other lengths are left-padded with BOS, which attention
         hides, so each row computes what it would alone (up to rounding); max_tokens is bounded
-        by the longest prompt's room."""
+        by the longest prompt's room. With logprobs = k (0 or more), each column comes with a
+        third list: per row (log probability of its token, the k likeliest (token, logprob))."""
         prompts = [list(p) for p in prompts]
         if not prompts or not all(prompts):
             raise PicochatError("generate needs at least one prompt token")
@@ -157,7 +176,7 @@ class Engine:
         del prompt_cache
         rows = [RowState() for _ in range(len(prompts) * num_samples)]
         for step in range(max_tokens):
-            sampled = sample_next(logits, rng, temperature, top_k).tolist()  # the one sync per column
+            sampled = sample_next(logits, rng, temperature, top_k, top_p).tolist()  # the one sync per column
             column, masks = [], []
             for row, token in zip(rows, sampled):
                 forced = bool(row.forced)
@@ -165,7 +184,7 @@ class Engine:
                 column.append(token)
                 masks.append(0 if forced else 1)
                 self._advance(row, token)
-            yield column, masks
+            yield (column, masks) if logprobs is None else (column, masks, top_logprobs(logits, column, logprobs))
             if all(row.done for row in rows) or step == max_tokens - 1:
                 return
             logits = self.model(torch.tensor(column, dtype=torch.long, device=device)[:, None], cache=cache)[:, -1]

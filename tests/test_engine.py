@@ -223,3 +223,30 @@ def test_cast_for_inference_keeps_the_outputs(small_tokenizer):
     assert model.resid_lambdas.dtype == torch.float32
     with torch.no_grad():
         assert torch.equal(model(ids), before)
+
+
+def test_top_p_keeps_the_smallest_set_that_reaches_it():
+    """Probabilities 0.4, 0.3, 0.2, 0.1: top_p 0.5 keeps the first two (0.4 < 0.5 before the
+    second), top_p 0.4 only the first; with top_k 3 first, the same."""
+    logits = torch.log(torch.tensor([[0.1, 0.4, 0.2, 0.3]])).expand(4000, -1)
+    rng = torch.Generator().manual_seed(0)
+    for top_k in (None, 3):
+        counts = torch.bincount(sample_next(logits, rng, 1.0, top_k, 0.5), minlength=4).tolist()
+        assert counts[0] == counts[2] == 0 and abs(counts[1] / counts[3] - 4 / 3) < 0.15
+        assert set(sample_next(logits, rng, 1.0, top_k, 0.4).tolist()) == {1}
+    # top_p 1 and None draw exactly what plain sampling draws
+    draw = lambda top_p: sample_next(logits[:50], torch.Generator().manual_seed(1), 0.7, None, top_p).tolist()
+    assert draw(1.0) == draw(None)
+
+
+def test_logprobs_are_the_models_distribution(small_tokenizer):
+    model = model_for("default", 5)
+    engine = Engine(model, small_tokenizer)
+    prompt = [small_tokenizer.get_bos_token_id(), 17, 300, 301]
+    ids = list(prompt)
+    for column, _, info in engine.generate(prompt, 2, max_tokens=6, temperature=0.0, logprobs=3):
+        logp = torch.log_softmax(full_logits(model, [ids])[0], dim=-1)
+        for token, (chosen, best) in zip(column, info):
+            assert chosen == pytest.approx(logp[token].item(), abs=1e-4)
+            assert [t for t, _ in best] == torch.topk(logp, 3).indices.tolist() and best[0][0] == token
+        ids.append(column[0])

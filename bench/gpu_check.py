@@ -23,6 +23,9 @@ Sections:
 6. SFT step: chat-sft's step at d12 (token-weighted loss over 2 micro-batches whose targets are
    half masked, then the optimizer step), compiled, at the batch section 1 found to fit (the
    smallest batch when section 1 did not run)
+7. chat-web streams (bench_serve.py): time to first token and tokens/s per stream at 1, 8 and 32
+   concurrent streaming requests to the real app over HTTP, one worker, d12 with random weights
+   and a 1,024-token tokenizer trained on the spot
 
 What cannot run here says "skipped: <why>" (FA3 that does not load, a single GPU). One deadline
 covers the run: an item not started by then is "skipped: deadline", one still running is stopped
@@ -53,7 +56,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import bench_engine  # bench/ is on sys.path when this file runs as a script
+import bench_chat  # bench/ is on sys.path when this file runs as a script
+import bench_engine
+import bench_serve
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -61,6 +66,7 @@ import torch.multiprocessing as mp
 from picochat import attention
 from picochat.cli import HelpFormatter
 from picochat.common import compute_cleanup, compute_init, device_name, get_base_dir, get_peak_flops, synchronize
+from picochat.engine import Engine
 from picochat.gpt import build_model, config_from_depth, window_sizes
 from picochat.training import (
     backward,
@@ -80,6 +86,7 @@ SECTIONS = {
     "kv_decode": "4. KV-cache decode",
     "nccl": "5. 2-GPU NCCL step",
     "sft": "6. SFT step",
+    "serve": "7. chat-web streams",
 }
 # Training throughput runs under each; "flex/sdpa" is picochat's own choice with FA3 out of the way
 SETTINGS = ("fa3", "flex/sdpa")
@@ -101,17 +108,19 @@ class Sizes:
     decode_contexts: tuple
     decode_batches: tuple
     decode_steps: int
+    serve_streams: tuple
+    serve_tokens: int
 
 
 GPU = Sizes(depths=(12, 24), seq_len=2048, vocab_size=32768, head_dim=128, batches=(32, 16, 8, 4, 2, 1), warmup=3,
             steps=10, loss_steps=30, attention_batch=16, compile=True, decode_contexts=(128, 1024),
-            decode_batches=(1, 8, 32), decode_steps=32)
+            decode_batches=(1, 8, 32), decode_steps=32, serve_streams=(1, 8, 32), serve_tokens=64)
 # The model runs eager here: compiling even a depth-2 GPT takes ~50 s on 2 cold CPU cores, on top
 # of the ~25 s that MuonAdamW's kernels (compiled always) take. At T=256 the S window (128: windows
 # come in multiples of 128) is shorter than the context, so the windowed attention paths run too.
 SMOKE = Sizes(depths=(2,), seq_len=256, vocab_size=512, head_dim=64, batches=(4, 2), warmup=1, steps=2,
               loss_steps=15, attention_batch=2, compile=False, decode_contexts=(16, 64), decode_batches=(1, 2),
-              decode_steps=3)
+              decode_steps=3, serve_streams=(1, 2), serve_tokens=4)
 
 
 def skipped(why: str) -> dict:
@@ -336,6 +345,17 @@ class Checks:
                 "summary": f"d{depth} B={batch} x 2 micro-batches: {round(tokens / dt):,} tok/s, MFU "
                            f"{format_mfu(mfu)}{'' if mfu is None else '%'}, {1000 * dt:.1f} ms/step"}
 
+    def serve(self, depth: int) -> dict:
+        rt, s = self.rt, self.sizes
+        tokenizer = bench_chat.bench_tokenizer()
+        config = config_from_depth(depth, tokenizer.get_vocab_size(), s.seq_len, head_dim=s.head_dim)
+        engine = Engine(build_model(config, rt.device, rt.dtype).cast_for_inference(), tokenizer)
+        rows = bench_serve.measure(engine, str(rt.device), s.serve_streams, s.serve_tokens)
+        parts = [f"{r['streams']} streams: TTFT median {1000 * r['ttft_median_s']:.0f} ms, "
+                 f"{r['tok_per_s_per_stream']:.0f} tok/s per stream, {r['aggregate_tok_per_s']:.0f} in all"
+                 for r in rows]
+        return {"status": "ok", "depth": depth, "results": rows, "summary": f"d{depth}: " + "; ".join(parts)}
+
     def nccl_step(self) -> dict:
         visible = torch.cuda.device_count()
         if self.rt.device.type != "cuda" or visible < 2:
@@ -489,6 +509,7 @@ def plan(checks: Checks, sizes: Sizes, sections: set) -> list:
     items.append(Item("kv_decode", f"d{first}", lambda: checks.kv_decode(first)))
     items.append(Item("nccl", "2 ranks", checks.nccl_step))
     items.append(Item("sft", f"d{first}", lambda: checks.sft_step(first)))
+    items.append(Item("serve", f"d{first}", lambda: checks.serve(first)))
     items += [Item("throughput", f"d{d} {s}", lambda d=d, s=s: checks.throughput(d, s)) for d in rest for s in SETTINGS]
     items += [Item("kv_decode", f"d{d}", lambda d=d: checks.kv_decode(d)) for d in rest]
     for item in items:

@@ -17,6 +17,7 @@ import asyncio
 import json
 import math
 import random
+import re
 import threading
 from dataclasses import dataclass, field
 
@@ -110,6 +111,28 @@ def content_text(content, i: int):
                    code="invalid_type")
 
 
+TOOL_BLOCK = re.compile(r"<\|python_start\|>(.*?)<\|python_end\|>|<\|output_start\|>(.*?)<\|output_end\|>", re.S)
+
+
+def assistant_parts(text: str):
+    """An answer as the server sent it, tool calls and outputs between their delimiters, back
+    into the chat format's parts, so the model reads its history as it wrote it; plain text
+    stays a string."""
+    parts, at = [], 0
+    for match in TOOL_BLOCK.finditer(text):
+        if match.start() > at:
+            parts.append({"type": "text", "text": text[at:match.start()]})
+        python, output = match.groups()
+        parts.append({"type": "python", "text": python} if python is not None
+                     else {"type": "python_output", "text": output})
+        at = match.end()
+    if not parts:
+        return text
+    if at < len(text):
+        parts.append({"type": "text", "text": text[at:]})
+    return parts
+
+
 def parse_messages(value, limits: Limits, roles=ROLES) -> list[dict]:
     if not isinstance(value, list):
         raise ApiError(400, "'messages' must be a list of {role, content} objects", param="messages",
@@ -127,13 +150,13 @@ def parse_messages(value, limits: Limits, roles=ROLES) -> list[dict]:
             raise ApiError(400, f"messages[{i}].role {m['role']!r} is not one of {', '.join(roles)}",
                            param="messages", code="invalid_role")
         text = content_text(m["content"], i)
-        if not text:
+        if not text and m["role"] != "assistant":  # a model may answer nothing at all
             raise ApiError(400, f"messages[{i}] has empty content", param="messages")
         if len(text) > limits.max_message_chars:
             raise ApiError(422, f"messages[{i}] has {len(text):,} characters (at most "
                                 f"{limits.max_message_chars:,})", param="messages", code="out_of_range")
         total += len(text)
-        messages.append({"role": m["role"], "content": text})
+        messages.append({"role": m["role"], "content": assistant_parts(text) if m["role"] == "assistant" else text})
     if total > limits.max_total_chars:
         raise ApiError(422, f"the messages have {total:,} characters in all (at most {limits.max_total_chars:,})",
                        param="messages", code="out_of_range")

@@ -9,6 +9,13 @@ python -m pip install -q --upgrade pip
 # Pin the CPU wheel first: an unpinned torch would pull a multi-GB CUDA build.
 python -m pip install -q torch==2.13.0
 python -m pip install -q -e '.[dev]'
+# The chat page's browser test drives a real headless Chromium (Debian's packages); it skips, and
+# says why, only where they cannot be installed.
+if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1 \
+    || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1; } \
+    || echo "could not install chromium: the browser test will skip"
+fi
 ruff check .
 # One OpenMP thread: compiled CPU runs are only bitwise reproducible this way.
 OMP_NUM_THREADS=1 python -m pytest -q "$@"

@@ -294,3 +294,23 @@ def test_help_and_errors():
                           text=True, cwd=REPO, env=env)
     assert done.returncode == 1 and "Traceback" not in done.stderr and "no model checkpoints" in done.stderr
     assert torch.__version__  # the server runs on the same torch as the tests
+
+
+def test_history_with_tool_calls_and_an_empty_answer(client, tokenizer):
+    """An earlier answer sent back as the server wrote it, its tool call between the delimiters,
+    is read as the chat format's parts (special tokens, not their text); an empty answer is fine."""
+    special = tokenizer.encode_special
+    earlier = "Let me add.<|python_start|>2+2<|python_end|><|output_start|>4<|output_end|>It is 4."
+    messages = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": earlier},
+                {"role": "user", "content": "And?"}, {"role": "assistant", "content": ""},
+                {"role": "user", "content": "Well?"}]
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, temperature=0.0)
+    ids = [tokenizer.get_bos_token_id(), special("<|user_start|>"), *tokenizer.encode("2+2?"), special("<|user_end|>"),
+           special("<|assistant_start|>"), *tokenizer.encode("Let me add."), special("<|python_start|>"),
+           *tokenizer.encode("2+2"), special("<|python_end|>"), special("<|output_start|>"), *tokenizer.encode("4"),
+           special("<|output_end|>"), *tokenizer.encode("It is 4."), special("<|assistant_end|>"),
+           special("<|user_start|>"), *tokenizer.encode("And?"), special("<|user_end|>"),
+           special("<|assistant_start|>"), special("<|assistant_end|>"),
+           special("<|user_start|>"), *tokenizer.encode("Well?"), special("<|user_end|>"),
+           special("<|assistant_start|>")]
+    assert r.usage.prompt_tokens == len(ids)

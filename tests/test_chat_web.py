@@ -314,3 +314,43 @@ def test_history_with_tool_calls_and_an_empty_answer(client, tokenizer):
            special("<|user_start|>"), *tokenizer.encode("Well?"), special("<|user_end|>"),
            special("<|assistant_start|>")]
     assert r.usage.prompt_tokens == len(ids)
+
+
+def test_a_failed_generation_is_a_500_and_the_server_goes_on(base_home, monkeypatch, capsys):
+    """The app in process (the real worker, checkpoint and engine) with one fault injected into
+    the model's forward: that request gets a 500 in OpenAI's shape (or, streamed, an error
+    event), its worker comes back, and the next request is served."""
+    from picochat.serve import WorkerPool
+    from picochat.stages import chat_web
+
+    monkeypatch.setenv("PICOCHAT_HOME", str(base_home))
+    server = chat_web.load_workers(chat_web.ChatWebConfig(source="base", device_type="cpu"))
+    app = chat_web.build_app(server)
+    model = server.workers[0].engine.model
+    forward, faults = model.forward, []
+
+    def failing(*args, **kwargs):
+        if faults:
+            raise RuntimeError(faults.pop())
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", failing)
+    body = {"messages": user(), "max_tokens": 3}
+
+    async def main():
+        server.pool = WorkerPool(server.workers, 4)  # what the app's startup does
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://picochat") as ac:
+            faults.append("injected fault")
+            r = await ac.post("/v1/chat/completions", json=body)
+            assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+            assert "injected fault" in r.json()["error"]["message"]
+            assert server.pool.free.qsize() == 1
+            faults.append("injected fault")
+            r = await ac.post("/v1/chat/completions", json={**body, "stream": True})
+            assert r.status_code == 200 and '"error"' in r.text and "injected fault" in r.text
+            assert server.pool.free.qsize() == 1
+            r = await ac.post("/v1/chat/completions", json=body)
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+
+    asyncio.run(main())

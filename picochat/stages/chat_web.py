@@ -233,8 +233,11 @@ def build_app(server: Server):
                 server.pool.release(worker)
                 queue.put_nowait(None)
 
+        # started now, not when the body is first read: a client gone before that would leave a
+        # generator that never runs, and its worker would never come back
+        task = asyncio.create_task(run())
+
         async def events():
-            task = asyncio.create_task(run())
             try:
                 while (item := await queue.get()) is not None:
                     yield item

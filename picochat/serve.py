@@ -237,6 +237,7 @@ class WorkerPool:
             self.free.put_nowait(w)
         self.waiting = 0
         self.served = 0
+        self.busy = set()  # ids of the workers handed out
 
     async def acquire(self) -> Worker:
         if self.free.empty() and self.waiting >= self.max_queue:
@@ -244,12 +245,15 @@ class WorkerPool:
                                 f"{self.waiting} request(s) wait; try again shortly", code="queue_full")
         self.waiting += 1
         try:
-            return await self.free.get()
+            worker = await self.free.get()
         finally:
             self.waiting -= 1
+        self.busy.add(worker.id)
+        return worker
 
     def release(self, worker: Worker):
         self.served += 1
+        self.busy.discard(worker.id)
         self.free.put_nowait(worker)
 
 

@@ -198,6 +198,8 @@ def test_body_size_unknown_fields_paths_and_key(server):
         assert httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {key}"} if key else {}).status_code \
             == 401
     assert httpx.get(url + "/health").status_code == 200  # no key needed
+    stats = httpx.get(url + "/stats", headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert stats["workers"] == [{"id": 0, "device": "cpu", "busy": False}] and stats["served"] > 0
     health = httpx.get(url + "/health").json()
     assert health["model_id"] == MODEL and health["defaults"] == {"temperature": 0.8, "top_k": 50, "max_tokens": 512}
 

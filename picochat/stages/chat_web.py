@@ -197,10 +197,9 @@ def build_app(server: Server):
     @app.get("/stats")
     async def stats():
         pool = server.pool
-        free = {w.id for w in list(pool.free._queue)} if pool else set()
-        return {"num_workers": len(server.workers), "available_workers": len(free), "queued": pool.waiting,
+        return {"num_workers": len(server.workers), "available_workers": pool.free.qsize(), "queued": pool.waiting,
                 "served": pool.served, "max_queue": server.c.max_queue,
-                "workers": [{"id": w.id, "device": w.label, "busy": w.id not in free} for w in server.workers]}
+                "workers": [{"id": w.id, "device": w.label, "busy": w.id in pool.busy} for w in server.workers]}
 
     @app.get("/v1/models")
     async def models():

@@ -38,6 +38,7 @@ class Limits:
     max_n: int = 8
     max_top_logprobs: int = 20
     max_stops: int = 4
+    max_stop_chars: int = 256
 
 
 class ApiError(Exception):
@@ -77,8 +78,9 @@ def parse_body(raw: bytes, limits: Limits) -> dict:
         body = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
         raise ApiError(400, "request body is not valid UTF-8", code="invalid_encoding") from None
-    except ValueError as e:
-        raise ApiError(400, f"request body is not valid JSON ({e})", code="invalid_json") from None
+    except (ValueError, RecursionError) as e:  # nesting deep enough to exhaust the parser is not JSON we take
+        raise ApiError(400, f"request body is not valid JSON ({type(e).__name__}: {str(e)[:200]})",
+                       code="invalid_json") from None
     if not isinstance(body, dict):
         raise ApiError(400, "request body must be a JSON object")
     return body
@@ -146,6 +148,8 @@ def parse_messages(value, limits: Limits, roles=ROLES) -> list[dict]:
     for i, m in enumerate(value):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise ApiError(400, f"messages[{i}] must be an object with 'role' and 'content'", param="messages")
+        if m.get("role") == "developer" and "system" in roles:  # newer OpenAI clients' name for it
+            m = {**m, "role": "system"}
         if m["role"] not in roles:
             raise ApiError(400, f"messages[{i}].role {m['role']!r} is not one of {', '.join(roles)}",
                            param="messages", code="invalid_role")
@@ -186,8 +190,9 @@ def parse_chat_request(body: dict, defaults: dict, limits: Limits, openai: bool)
     stops = [] if stop is None else [stop] if isinstance(stop, str) else stop
     if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
         raise ApiError(400, "'stop' must be a non-empty string or a list of them", param="stop", code="invalid_type")
-    if len(stops) > limits.max_stops:
-        raise ApiError(422, f"at most {limits.max_stops} stop strings", param="stop", code="out_of_range")
+    if len(stops) > limits.max_stops or any(len(s) > limits.max_stop_chars for s in stops):
+        raise ApiError(422, f"at most {limits.max_stops} stop strings of at most {limits.max_stop_chars} characters",
+                       param="stop", code="out_of_range")
     r.stop = stops
     for flag in ("stream", "logprobs"):
         if body.get(flag) is not None and not isinstance(body[flag], bool):
@@ -283,13 +288,16 @@ class Row:
         if text.endswith("\ufffd"):
             return ""  # half a character: wait for the rest
         self.text = text
+        # only the unsent tail can hold a new match (stop strings are short: Limits.max_stop_chars)
+        start = max(0, self.sent - max((len(s) for s in self.stops), default=0))
         for s in self.stops:
-            at = text.find(s)
+            at = text.find(s, start)
             if at >= 0:
                 self.text, self.finish = text[:at], "stop"
                 return self.flush()
         # a tail that is a prefix of a stop string may still become one
-        hold = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        hold = max((k for s in self.stops for k in range(1, min(len(s), len(text) + 1)) if text.endswith(s[:k])),
+                   default=0)
         return self.take(len(text) - hold)
 
     def take(self, upto: int) -> str:

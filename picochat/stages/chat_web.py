@@ -167,7 +167,7 @@ def build_app(server: Server):
 
     @app.exception_handler(ApiError)
     async def api_error(request, e: ApiError):
-        return JSONResponse(e.body(), status_code=e.status)
+        return JSONResponse(e.body(), status_code=e.status, headers={"Retry-After": "1"} if e.status == 503 else None)
 
     @app.exception_handler(HTTPException)
     async def http_error(request, e: HTTPException):
@@ -179,7 +179,8 @@ def build_app(server: Server):
     @app.exception_handler(Exception)
     async def internal_error(request, e: Exception):
         print(f"error serving {request.url.path}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-        return JSONResponse(ApiError(500, f"generation failed: {type(e).__name__}: {e}").body(), status_code=500)
+        return JSONResponse(ApiError(500, f"generation failed ({type(e).__name__}); the server log has the details")
+                            .body(), status_code=500)
 
     @app.get("/")
     async def page():
@@ -197,6 +198,8 @@ def build_app(server: Server):
     @app.get("/stats")
     async def stats():
         pool = server.pool
+        if pool is None:
+            raise ApiError(503, "starting up", code="not_ready")
         return {"num_workers": len(server.workers), "available_workers": pool.free.qsize(), "queued": pool.waiting,
                 "served": pool.served, "max_queue": server.c.max_queue,
                 "workers": [{"id": w.id, "device": w.label, "busy": w.id in pool.busy} for w in server.workers]}
@@ -208,6 +211,8 @@ def build_app(server: Server):
 
     async def prepare(request: Request, openai: bool):
         body = serve.parse_body(await read_body(request, server.limits), server.limits)
+        if openai and body.get("model") is not None and not isinstance(body["model"], str):
+            raise ApiError(400, "'model' must be a string", param="model", code="invalid_type")
         if openai and body.get("model") not in (None, server.model_id):
             raise ApiError(404, f"model {body.get('model')!r} is not served here; this server has "
                                 f"{server.model_id!r}", param="model", code="model_not_found")

@@ -258,7 +258,7 @@ def test_32_concurrent_streams_finish_or_get_503_and_health_answers(server):
     assert max(seconds for _, seconds in healths) < 2.0  # the event loop is never blocked by generation
 
 
-def test_a_client_that_leaves_mid_stream_frees_the_worker(server):
+def test_a_client_that_leaves_frees_the_worker(server):
     url = server[0]
     headers = {"Authorization": f"Bearer {KEY}"}
     # a seed whose answer runs long, so an abandoned generation would hold the worker a while
@@ -282,7 +282,17 @@ def test_a_client_that_leaves_mid_stream_frees_the_worker(server):
                 await asyncio.sleep(0.01)
             freed = time.perf_counter() - t0
             status, _, _ = await stream_once(ac, url, stream_body(4, seed))
-            return whole, freed, status
+            # and not streamed: the client gives up (a timeout) a moment into the same long answer
+            asked = asyncio.create_task(ac.post(url + "/v1/chat/completions", json={**stream_body(400, seed),
+                                                                                 "stream": False}))
+            await asyncio.sleep(0.1)
+            asked.cancel()
+            t0 = time.perf_counter()
+            while (await ac.get(url + "/health")).json()["available_workers"] != 1:
+                if time.perf_counter() - t0 > 3 * whole + 10:
+                    pytest.fail("the worker of the abandoned request never came back")
+                await asyncio.sleep(0.01)
+            return whole, max(freed, time.perf_counter() - t0), status
 
     whole, freed, status = asyncio.run(main())
     assert status == 200

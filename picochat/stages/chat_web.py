@@ -299,11 +299,24 @@ def build_app(server: Server):
                         r.add(token, server.stop_tokens, info[i] if info else None)
                 return any(r.finish is None for r in rows)
 
+            async def client_gone():
+                while (await request.receive())["type"] != "http.disconnect":
+                    pass
+
+            # a client that leaves before the answer (e.g. a timed-out retry) stops the generation
+            generation, gone = asyncio.create_task(serve.generate(worker, prompt, req, on_column)), \
+                asyncio.create_task(client_gone())
             try:
-                await serve.generate(worker, prompt, req, on_column)
-                finish_rows()
+                await asyncio.wait({generation, gone}, return_when=asyncio.FIRST_COMPLETED)
             finally:
+                generation.cancel()  # a no-op once it is done
+                gone.cancel()
+                await asyncio.gather(generation, gone, return_exceptions=True)  # the thread has stopped
                 server.pool.release(worker)
+            if generation.cancelled():
+                return JSONResponse(ApiError(499, "the client closed the request").body(), status_code=499)
+            generation.result()  # a failed generation raises here: 500
+            finish_rows()
             choices = [{"index": i, "message": {"role": "assistant", "content": r.text},
                         "logprobs": None if req.logprobs is None
                         else {"content": logprob_entries(server.tokenizer, r.logprobs)},

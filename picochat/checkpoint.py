@@ -104,6 +104,15 @@ def latest_source() -> str | None:
     return next((stage for stage in reversed(SOURCES) if find_latest_tag(stage) is not None), None)
 
 
+def pick_source(source: str | None) -> str:
+    """source if given, else the most trained stage with a checkpoint; a one-line error if none."""
+    source = source or latest_source()
+    if source is None:
+        raise PicochatError(f"no model checkpoints in {get_base_dir()}: `picochat base-train` creates one "
+                            "(and `picochat chat-sft` a chat model from it)")
+    return source
+
+
 def resolve_checkpoint(stage: str, model_tag: str | None = None, step: int | None = None) -> tuple[Path, int]:
     """(folder, step) of a complete checkpoint; latest tag and last step when not given."""
     root = checkpoints_root(stage)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from picochat import checkpoint
 from picochat.cli import HelpFormatter
-from picochat.common import PicochatError, compute_init, get_base_dir
+from picochat.common import PicochatError, compute_init
 from picochat.engine import load_engine
 
 
@@ -104,10 +104,7 @@ def interactive(chat: Chat):
 def run(config: ChatCliConfig):
     if config.temperature < 0 or config.top_k < 0 or config.max_tokens <= 0:
         raise PicochatError("--temperature and --top-k must be >= 0 and --max-tokens > 0")
-    source = config.source or checkpoint.latest_source()
-    if source is None:
-        raise PicochatError(f"no model checkpoints in {get_base_dir()}: `picochat base-train` creates one "
-                            "(and `picochat chat-sft` a chat model from it)")
+    source = checkpoint.pick_source(config.source)
     rt = compute_init(config.device_type)
     engine, meta = load_engine(source, rt.device, rt.dtype, config.model_tag, config.step)
     chat = Chat(engine, config)

@@ -67,10 +67,7 @@ def run(c: ChatEvalConfig) -> dict:
     """Evaluate one checkpoint; returns the record written to the JSON file."""
     check_config(c)
     names = task_names(c)
-    source = c.source or checkpoint.latest_source()
-    if source is None:
-        raise PicochatError(f"no model checkpoints in {get_base_dir()}: `picochat base-train` creates one "
-                            "(and `picochat chat-sft` a chat model from it)")
+    source = checkpoint.pick_source(c.source)
     ckpt_dir, step = checkpoint.resolve_checkpoint(source, c.model_tag, c.step)
     tag = ckpt_dir.name
     tasks = {name: build_task(name) for name in names}  # a task whose data cannot be had fails before any work

@@ -34,7 +34,7 @@ import torch
 
 from picochat import checkpoint, serve
 from picochat.cli import HelpFormatter
-from picochat.common import PicochatError, compute_init, get_base_dir
+from picochat.common import PicochatError, compute_init
 from picochat.engine import load_engine
 from picochat.serve import ApiError, Limits, Row, Worker, WorkerPool
 
@@ -81,10 +81,7 @@ class Server:
 
 
 def load_workers(c: ChatWebConfig):
-    source = c.source or checkpoint.latest_source()
-    if source is None:
-        raise PicochatError(f"no model checkpoints in {get_base_dir()}: `picochat base-train` creates one "
-                            "(and `picochat chat-sft` a chat model from it)")
+    source = checkpoint.pick_source(c.source)
     ckpt_dir, step = checkpoint.resolve_checkpoint(source, c.model_tag, c.step)
     rt = compute_init(c.device_type)
     if rt.device.type == "cuda":

@@ -14,12 +14,15 @@ the decoded text; a tail that could still become one is held back until it canno
 """
 
 import asyncio
+import collections
 import json
 import math
 import random
 import re
 import threading
 from dataclasses import dataclass, field
+
+import torch
 
 from picochat.tokenizer import ConversationError
 
@@ -235,31 +238,52 @@ class Worker:
 
 
 class WorkerPool:
+    """Free workers and the requests waiting for one, strictly first come first served: a released
+    worker goes to the longest waiter, never to a newcomer that arrives at the same moment."""
+
     def __init__(self, workers: list[Worker], max_queue: int):
         self.workers, self.max_queue = workers, max_queue
-        self.free = asyncio.Queue()
-        for w in workers:
-            self.free.put_nowait(w)
-        self.waiting = 0
+        self.free = collections.deque(workers)
+        self.waiters = collections.deque()  # futures of the waiting requests, oldest first
         self.served = 0
         self.busy = set()  # ids of the workers handed out
 
+    @property
+    def waiting(self) -> int:
+        return len(self.waiters)
+
     async def acquire(self) -> Worker:
-        if self.free.empty() and self.waiting >= self.max_queue:
+        if self.free and not self.waiters:
+            worker = self.free.popleft()
+            self.busy.add(worker.id)
+            return worker
+        if len(self.waiters) >= self.max_queue:
             raise ApiError(503, f"server busy: all {len(self.workers)} worker(s) are generating and "
-                                f"{self.waiting} request(s) wait; try again shortly", code="queue_full")
-        self.waiting += 1
+                                f"{len(self.waiters)} request(s) wait; try again shortly", code="queue_full")
+        waiter = asyncio.get_running_loop().create_future()
+        self.waiters.append(waiter)
         try:
-            worker = await self.free.get()
-        finally:
-            self.waiting -= 1
-        self.busy.add(worker.id)
-        return worker
+            return await waiter
+        except asyncio.CancelledError:  # the client left while waiting
+            if waiter.done() and not waiter.cancelled():
+                self.hand(waiter.result())  # handed over just as it left: pass it on
+            elif waiter in self.waiters:
+                self.waiters.remove(waiter)
+            raise
 
     def release(self, worker: Worker):
         self.served += 1
+        self.hand(worker)
+
+    def hand(self, worker: Worker):
         self.busy.discard(worker.id)
-        self.free.put_nowait(worker)
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                self.busy.add(worker.id)
+                waiter.set_result(worker)
+                return
+        self.free.append(worker)
 
 
 # ---------------------------------------------------------------------------
@@ -335,8 +359,13 @@ async def generate(worker: Worker, prompt: list[int], req: ChatRequest, on_colum
     stop = threading.Event()
     seed = req.seed if req.seed is not None else random.randrange(2**62)
 
+    device = next(engine.model.parameters()).device
+
     def work():
         try:
+            # a thread starts on GPU 0: kernels and caches must go to this worker's own GPU
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
             for item in engine.generate(prompt, req.n, max_tokens=max_tokens, temperature=req.temperature,
                                         top_k=req.top_k or None, seed=seed, top_p=req.top_p, logprobs=req.logprobs):
                 if stop.is_set():

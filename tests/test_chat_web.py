@@ -138,6 +138,91 @@ def test_logprobs(client):
         r.choices[0].message.content[:1])
 
 
+
+def streamed_logprobs(chunks, n=1):
+    """The logprobs entries of each choice, gathered from a stream's chunks."""
+    out = [[] for _ in range(n)]
+    for ch in chunks:
+        for choice in ch.choices:
+            if choice.logprobs is not None:
+                out[choice.index] += [(e.token, e.logprob, [(t.token, t.logprob) for t in e.top_logprobs])
+                                      for e in choice.logprobs.content]
+    return out
+
+
+@pytest.mark.parametrize("stop", [None, "STOP-AT"])
+def test_streamed_logprobs_are_the_answers_with_n(client, stop):
+    """n=2 sampled with a seed: the stream gives each choice the same text and every logprob entry
+    of the non-streamed answer (also the entries of tokens whose text a stop string swallowed)."""
+    kwargs = dict(model=MODEL, messages=MESSAGES, max_tokens=16, temperature=1.0, seed=3, n=2,
+                  logprobs=True, top_logprobs=2)
+    whole = client.chat.completions.create(**kwargs)
+    if stop:  # a stop string that starts at a token's first character: its tokens send no text
+        pieces = [e.token for e in whole.choices[0].logprobs.content]
+        for k in range(1, len(pieces) - 1):
+            before, stop = "".join(pieces[:k]), (pieces[k] + pieces[k + 1])[:2]
+            if len(stop) == 2 and "\ufffd" not in stop and (before + stop).find(stop) == len(before) \
+                    and not before.endswith(stop[0]):
+                break
+        else:
+            pytest.fail(f"no usable stop string in {pieces}")
+    whole = client.chat.completions.create(**kwargs, stop=stop)
+    chunks = list(client.chat.completions.create(**kwargs, stop=stop, stream=True))
+    texts = ["", ""]
+    finishes = [None, None]
+    for ch in chunks:
+        for choice in ch.choices:
+            texts[choice.index] += choice.delta.content or ""
+            finishes[choice.index] = choice.finish_reason or finishes[choice.index]
+    assert texts == [c.message.content for c in whole.choices]
+    assert finishes == [c.finish_reason for c in whole.choices]
+    expected = [[(e.token, e.logprob, [(t.token, t.logprob) for t in e.top_logprobs]) for e in c.logprobs.content]
+                for c in whole.choices]
+    assert streamed_logprobs(chunks, 2) == expected
+    if stop:  # the case this checks: the stop string's token is only in the finish chunk
+        assert any(c.finish_reason == "stop" and c.logprobs for ch in chunks for c in ch.choices)
+    assert [len(e) for e in expected] == [len(c.logprobs.content) for c in whole.choices]
+
+
+def test_a_chunked_body_without_content_length(server):
+    def body():
+        raw = json.dumps({"messages": user(), "max_tokens": 3}).encode()
+        yield raw[:10]
+        yield raw[10:]
+
+    r = httpx.post(server[0] + "/v1/chat/completions", content=body(), timeout=60,
+                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert r.request.headers.get("transfer-encoding") == "chunked" and "content-length" not in r.request.headers
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+
+    def big():
+        yield b'{"messages": [{"role": "user", "content": "'
+        for _ in range(Limits().max_body_bytes // 65536 + 1):
+            yield b"x" * 65536
+        yield b'"}]}'
+
+    r = httpx.post(server[0] + "/v1/chat/completions", content=big(), timeout=60,
+                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+
+def test_cross_site_requests_are_refused(server):
+    """A page elsewhere can POST text/plain or a form without a preflight, or reach 127.0.0.1 by a
+    name of its own (DNS rebinding): neither gets an answer."""
+    url, auth = server[0], {"Authorization": f"Bearer {KEY}"}
+    raw = json.dumps({"messages": user(), "max_tokens": 2})
+    for kind in ("text/plain", "application/x-www-form-urlencoded", None):
+        for path in ("/v1/chat/completions", "/chat/completions"):
+            r = httpx.post(url + path, content=raw, headers={**auth, **({"Content-Type": kind} if kind else {})})
+            assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type", (kind, r.text)
+    r = httpx.post(url + "/v1/chat/completions", content=raw,
+                   headers={**auth, "Content-Type": "application/json; charset=utf-8"})
+    assert r.status_code == 200
+    for host in ("evil.example", "evil.example:80", "127.0.0.1.evil.example"):
+        r = httpx.get(url + "/", headers={"Host": host})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_host", host
+    assert httpx.get(url + "/health", headers={"Host": "localhost"}).status_code == 200
+
 def post(url, body=None, raw=None, key=KEY, path="/v1/chat/completions"):
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     if raw is None:
@@ -331,8 +416,9 @@ def test_history_with_tool_calls_and_an_empty_answer(client, tokenizer):
 
 def test_a_failed_generation_is_a_500_and_the_server_goes_on(base_home, monkeypatch, capsys):
     """The app in process (the real worker, checkpoint and engine) with one fault injected into
-    the model's forward: that request gets a 500 in OpenAI's shape (or, streamed, an error
-    event), its worker comes back, and the next request is served."""
+    the model's forward: that request gets a 500 in OpenAI's shape (streamed too when the very first
+    forward fails; an error event when a later one does), its worker comes back, and the next
+    request is served."""
     from picochat.serve import WorkerPool
     from picochat.stages import chat_web
 
@@ -340,11 +426,14 @@ def test_a_failed_generation_is_a_500_and_the_server_goes_on(base_home, monkeypa
     server = chat_web.load_workers(chat_web.ChatWebConfig(source="base", device_type="cpu"))
     app = chat_web.build_app(server)
     model = server.workers[0].engine.model
-    forward, faults = model.forward, []
+    forward, faults = model.forward, []  # faults: forwards to let through before failing
 
     def failing(*args, **kwargs):
         if faults:
-            raise RuntimeError(faults.pop())
+            faults[0] -= 1
+            if faults[0] < 0:
+                faults.pop()
+                raise RuntimeError("injected fault")
         return forward(*args, **kwargs)
 
     monkeypatch.setattr(model, "forward", failing)
@@ -353,17 +442,22 @@ def test_a_failed_generation_is_a_500_and_the_server_goes_on(base_home, monkeypa
     async def main():
         server.pool = WorkerPool(server.workers, 4)  # what the app's startup does
         transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-        async with httpx.AsyncClient(transport=transport, base_url="http://picochat") as ac:
-            faults.append("injected fault")
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as ac:
+            faults.append(0)
             r = await ac.post("/v1/chat/completions", json=body)
             assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
             assert "RuntimeError" in r.json()["error"]["message"]
             assert "injected fault" in capsys.readouterr().err  # the details are in the server's log
-            assert server.pool.free.qsize() == 1
-            faults.append("injected fault")
-            r = await ac.post("/v1/chat/completions", json={**body, "stream": True})
+            assert len(server.pool.free) == 1
+            for path in ("/v1/chat/completions", "/chat/completions"):
+                faults.append(0)
+                r = await ac.post(path, json={**body, "stream": True})
+                assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+                assert len(server.pool.free) == 1
+            faults.append(1)  # the prefill works, the first decode step fails
+            r = await ac.post("/v1/chat/completions", json={**body, "stream": True, "temperature": 0})
             assert r.status_code == 200 and '"error"' in r.text and "injected fault" in r.text
-            assert server.pool.free.qsize() == 1
+            assert len(server.pool.free) == 1
             r = await ac.post("/v1/chat/completions", json=body)
             assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
 

@@ -36,3 +36,44 @@ def test_stops_and_utf8(small_tokenizer, text, stops, expected):
     # multi-byte characters arrive over several byte-level tokens here, so some steps send nothing
     if "🙂" in text:
         assert "" in deltas
+
+
+def test_the_pool_serves_first_come_first_served():
+    """A released worker goes to the longest waiter, not to a request that arrives as it is
+    released; a waiter that leaves is skipped; past max_queue waiters, a 503."""
+    import asyncio
+
+    from picochat.serve import ApiError, Worker, WorkerPool
+
+    async def main():
+        pool = WorkerPool([Worker(0, None, "cpu")], max_queue=2)
+        first = await pool.acquire()
+        order = []
+
+        async def wait(name):
+            worker = await pool.acquire()
+            order.append(name)
+            return worker
+
+        a = asyncio.create_task(wait("a"))
+        gone = asyncio.create_task(wait("gone"))
+        await asyncio.sleep(0)
+        assert pool.waiting == 2
+        with pytest.raises(ApiError) as e:
+            await pool.acquire()
+        assert e.value.status == 503
+        gone.cancel()
+        await asyncio.sleep(0)
+        assert pool.waiting == 1
+        pool.release(first)
+        # a newcomer arriving just as the worker comes back, before the waiter has woken: it waits
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(pool.acquire(), 0.05)
+        assert order == ["a"] and pool.busy == {0}
+        late = asyncio.create_task(wait("late"))
+        await asyncio.sleep(0)
+        pool.release(await a)
+        pool.release(await late)
+        assert order == ["a", "late"] and pool.served == 3 and len(pool.free) == 1 and not pool.busy
+
+    asyncio.run(main())

@@ -94,6 +94,8 @@ def load_workers(c: ChatWebConfig):
         devices = [rt.device]
     workers = []
     for i, device in enumerate(devices):
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # compiled kernels and caches built for this GPU
         engine, _ = load_engine(source, device, rt.dtype, ckpt_dir.name, step)
         workers.append(Worker(i, engine, str(device)))
         print(f"worker {i}: {source} {ckpt_dir.name} step {step} on {device} ({rt.dtype})", flush=True)
@@ -148,6 +150,29 @@ class RequireKey:
         return await self.app(scope, receive, send)
 
 
+class CheckHost:
+    """ASGI middleware: 400 unless the Host header names this machine as it listens. A page on
+    another site can point a name of its own at 127.0.0.1 (DNS rebinding) and then read the answers;
+    its requests carry that name. Servers listening on every address (0.0.0.0) accept any name."""
+
+    def __init__(self, app, host: str):
+        self.app = app
+        self.allowed = {"localhost", "127.0.0.1", "::1", host.strip("[]").lower()}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            given = dict(scope["headers"]).get(b"host", b"").decode("latin-1").lower()
+            name = given[1:].split("]")[0] if given.startswith("[") else given.split(":")[0]
+            if name not in self.allowed:
+                from fastapi.responses import JSONResponse
+
+                e = ApiError(400, f"Host {given!r} is not this server's name; it answers to "
+                                  f"{', '.join(sorted(self.allowed))} (listen with --host 0.0.0.0 to accept any)",
+                             code="invalid_host")
+                return await JSONResponse(e.body(), status_code=400)(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
 def build_app(server: Server):
     from fastapi import FastAPI, Request
     from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
@@ -161,6 +186,8 @@ def build_app(server: Server):
     app = FastAPI(title="picochat", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     if server.c.api_key:
         app.add_middleware(RequireKey, key=server.c.api_key)
+    if server.c.host not in ("0.0.0.0", "::", ""):
+        app.add_middleware(CheckHost, host=server.c.host)
 
     @app.exception_handler(ApiError)
     async def api_error(request, e: ApiError):
@@ -189,7 +216,7 @@ def build_app(server: Server):
     async def health():
         pool = server.pool
         return {"status": "ok", "ready": pool is not None, "num_workers": len(server.workers),
-                "available_workers": pool.free.qsize() if pool else 0, "queued": pool.waiting if pool else 0,
+                "available_workers": len(pool.free) if pool else 0, "queued": pool.waiting if pool else 0,
                 "model": server.description, "model_id": server.model_id, "defaults": server.defaults}
 
     @app.get("/stats")
@@ -197,7 +224,7 @@ def build_app(server: Server):
         pool = server.pool
         if pool is None:
             raise ApiError(503, "starting up", code="not_ready")
-        return {"num_workers": len(server.workers), "available_workers": pool.free.qsize(), "queued": pool.waiting,
+        return {"num_workers": len(server.workers), "available_workers": len(pool.free), "queued": pool.waiting,
                 "served": pool.served, "max_queue": server.c.max_queue,
                 "workers": [{"id": w.id, "device": w.label, "busy": w.id in pool.busy} for w in server.workers]}
 
@@ -207,6 +234,12 @@ def build_app(server: Server):
                                             "owned_by": "picochat"}]}
 
     async def prepare(request: Request, openai: bool):
+        # JSON only: a cross-site page can send text/plain or form bodies without asking the
+        # browser first (no CORS preflight), so without a key those would reach the model
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind != "application/json":
+            raise ApiError(415, f"send the body as JSON with 'Content-Type: application/json' (got {kind or 'none'!r})",
+                           code="unsupported_media_type")
         body = serve.parse_body(await read_body(request, server.limits), server.limits)
         if openai and body.get("model") is not None and not isinstance(body["model"], str):
             raise ApiError(400, "'model' must be a string", param="model", code="invalid_type")
@@ -217,15 +250,26 @@ def build_app(server: Server):
         prompt = serve.render_prompt(server.tokenizer, req.messages, server.context)
         return req, prompt
 
-    def stream(worker, produce):
+    async def stream(worker, produce):
         """A StreamingResponse of what produce(put) emits; the worker is released when the
-        generation has stopped, also when the client leaves mid-stream."""
+        generation has stopped, also when the client leaves mid-stream. The status waits for the
+        first event: a generation that fails before it (its first forward) is a plain 500."""
         queue = asyncio.Queue()
+        first = asyncio.get_running_loop().create_future()
+
+        def put(item):
+            if not first.done():
+                first.set_result(None)
+            queue.put_nowait(item)
 
         async def run():
             try:
-                await produce(queue.put_nowait)
-            except Exception as e:  # mid-stream, the status is sent already: report in the stream
+                await produce(put)
+            except Exception as e:
+                if not first.done():
+                    first.set_exception(e)
+                    return
+                # mid-stream the status is sent already: report in the stream
                 print(f"generation failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
                 queue.put_nowait(sse({"error": ApiError(500, f"generation failed: {e}").body()["error"]}))
             finally:
@@ -233,10 +277,17 @@ def build_app(server: Server):
                 # stopped its thread before it returns, also when cancelled
                 server.pool.release(worker)
                 queue.put_nowait(None)
+                if not first.done():
+                    first.set_result(None)
 
         # started now, not when the body is first read: a client gone before that would leave a
         # generator that never runs, and its worker would never come back
         task = asyncio.create_task(run())
+        try:
+            await first
+        except BaseException:
+            task.cancel()
+            raise
 
         async def events():
             try:
@@ -273,7 +324,7 @@ def build_app(server: Server):
             put(sse({"done": True}))
             server.log("/chat/completions", req.messages, [server.tokenizer.decode(row.tokens)])
 
-        return stream(worker, produce)
+        return await stream(worker, produce)
 
     @app.post("/v1/chat/completions")
     async def completions(request: Request):
@@ -330,18 +381,34 @@ def build_app(server: Server):
             return sse(out)
 
         async def produce(put):
-            put(chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                        "finish_reason": None} for i in range(req.n)]))
+            opened = False  # the role chunk goes out with the first token: a failed first forward is a 500
             pending = [0] * req.n  # logprob entries not yet sent, per row
 
+            def open_stream():
+                nonlocal opened
+                if not opened:
+                    opened = True
+                    put(chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                "finish_reason": None} for i in range(req.n)]))
+
+            def entries(i, r):
+                if req.logprobs is None or pending[i] == len(r.logprobs):
+                    return None
+                out = {"content": logprob_entries(server.tokenizer, r.logprobs[pending[i]:])}
+                pending[i] = len(r.logprobs)
+                return out
+
             def send(i, r, delta):
-                entries = None
-                if req.logprobs is not None:
-                    entries = {"content": logprob_entries(server.tokenizer, r.logprobs[pending[i]:])}
-                    pending[i] = len(r.logprobs)
-                put(chunk([{"index": i, "delta": {"content": delta}, "logprobs": entries, "finish_reason": None}]))
+                put(chunk([{"index": i, "delta": {"content": delta}, "logprobs": entries(i, r),
+                             "finish_reason": None}]))
+
+            def finish(i, r):
+                # tokens whose text was never sent (a stop string's own, half a character) still
+                # have their logprobs, as in the non-streamed answer
+                put(chunk([{"index": i, "delta": {}, "logprobs": entries(i, r), "finish_reason": r.finish}]))
 
             async def on_column(column, info):
+                open_stream()
                 for i, (r, token) in enumerate(zip(rows, column)):
                     if r.finish is not None:
                         continue
@@ -349,23 +416,24 @@ def build_app(server: Server):
                     if delta:
                         send(i, r, delta)
                     if r.finish is not None:
-                        put(chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": r.finish}]))
+                        finish(i, r)
                 return any(r.finish is None for r in rows)
 
             await serve.generate(worker, prompt, req, on_column)
+            open_stream()
             finish_rows()
             for i, r in enumerate(rows):
                 if r.finish == "length":
                     delta = r.flush()
                     if delta:
                         send(i, r, delta)
-                    put(chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": "length"}]))
+                    finish(i, r)
             if req.include_usage:
                 put(chunk([], usage()))
             put(sse("[DONE]"))
             server.log("/v1/chat/completions", req.messages, [r.text for r in rows])
 
-        return stream(worker, produce)
+        return await stream(worker, produce)
 
     return app
 

@@ -462,3 +462,37 @@ def test_a_failed_generation_is_a_500_and_the_server_goes_on(base_home, monkeypa
             assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
 
     asyncio.run(main())
+
+
+def test_two_workers_serve_two_requests_at_once(base_home, monkeypatch):
+    """-n 2 as on two GPUs, here two CPU workers built the way load_workers builds them: two
+    concurrent requests run on different workers at the same time, a third waits for whichever
+    frees first, and /stats counts them."""
+    import torch
+
+    from picochat.engine import load_engine
+    from picochat.serve import Worker, WorkerPool
+    from picochat.stages import chat_web
+
+    monkeypatch.setenv("PICOCHAT_HOME", str(base_home))
+    server = chat_web.load_workers(chat_web.ChatWebConfig(source="base", device_type="cpu"))
+    engine, _ = load_engine("base", torch.device("cpu"), torch.float32)
+    server.workers.append(Worker(1, engine, "cpu"))
+    app = chat_web.build_app(server)
+    body = {"messages": user("Tell me a story."), "max_tokens": 24, "temperature": 1.0, "seed": 1}
+
+    async def main():
+        server.pool = WorkerPool(server.workers, 4)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1", timeout=120) as ac:
+            replies = await asyncio.gather(*(ac.post("/chat/completions", json=body) for _ in range(3)))
+            stats = (await ac.get("/stats")).json()
+        used = []
+        for r in replies:
+            events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: ")]
+            assert events[-1] == {"done": True}
+            used.append({e["gpu"] for e in events if "gpu" in e})
+        assert all(len(u) == 1 for u in used) and set.union(*used) == {0, 1}
+        assert stats["served"] == 3 and stats["available_workers"] == 2 and stats["queued"] == 0
+
+    asyncio.run(main())

@@ -1,0 +1,26 @@
+"""A toy task for chat-rl's tests: short prompts whose reward is 1 when the completion starts with
+TARGET (set by the test before a run), else 0. Built as chat-rl builds a task of one's own:
+`--task rl_toy:FirstWord`, FirstWord(split=...)."""
+
+from picochat.tasks.common import Task
+
+TARGET = "the"
+PROMPTS = ["Say something.", "Go on.", "Tell me.", "What now?", "Speak.", "Begin.", "Next?", "Well?"]
+
+
+class FirstWord(Task):
+    eval_type = "generative"
+
+    def __init__(self, split: str = "train", **slice_args):
+        super().__init__(**slice_args)
+        self.split = split
+
+    def num_examples(self) -> int:
+        return len(PROMPTS) * (4 if self.split == "train" else 1)
+
+    def get_example(self, index: int) -> dict:
+        return {"messages": [{"role": "user", "content": PROMPTS[index % len(PROMPTS)]},
+                             {"role": "assistant", "content": TARGET}]}
+
+    def reward(self, conversation: dict, completion: str) -> float:
+        return float(completion.startswith(TARGET))

@@ -1,10 +1,13 @@
 """A toy task for chat-rl's tests: short prompts whose reward is 1 when the completion starts with
-TARGET (set by the test before a run), else 0. Built as chat-rl builds a task of one's own:
-`--task rl_toy:FirstWord`, FirstWord(split=...)."""
+TARGET (RL_TOY_TARGET sets another, also for a subprocess), else 0. chat-rl builds it as it builds
+a task of one's own: `--task rl_toy:FirstWord`, FirstWord(split=...)."""
+
+import os
 
 from picochat.tasks.common import Task
 
-TARGET = "the"
+# a first word the tiny test model samples ~4% of the time after a chat prompt (" the": ~9%)
+TARGET = os.environ.get("RL_TOY_TARGET", " too")
 PROMPTS = ["Say something.", "Go on.", "Tell me.", "What now?", "Speak.", "Begin.", "Next?", "Well?"]
 
 

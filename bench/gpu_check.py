@@ -26,6 +26,9 @@ Sections:
 7. chat-web streams (bench_serve.py): time to first token and tokens/s per stream at 1, 8 and 32
    concurrent streaming requests to the real app over HTTP, one worker, d12 with random weights
    and a 1,024-token tokenizer trained on the spot
+8. RL step (bench_rl.py): chat-rl's step at d12 with random weights: rollouts of 2 prompts x 16
+   samples (batches of 8, up to 256 new tokens), the policy-gradient backward and the optimizer
+   step; rollout tok/s and the time of each part
 
 What cannot run here says "skipped: <why>" (FA3 that does not load, a single GPU). One deadline
 covers the run: an item not started by then is "skipped: deadline", one still running is stopped
@@ -58,6 +61,7 @@ from pathlib import Path
 
 import bench_chat  # bench/ is on sys.path when this file runs as a script
 import bench_engine
+import bench_rl
 import bench_serve
 import torch
 import torch.distributed as dist
@@ -87,6 +91,7 @@ SECTIONS = {
     "nccl": "5. 2-GPU NCCL step",
     "sft": "6. SFT step",
     "serve": "7. chat-web streams",
+    "rl": "8. RL step",
 }
 # Training throughput runs under each; "flex/sdpa" is picochat's own choice with FA3 out of the way
 SETTINGS = ("fa3", "flex/sdpa")
@@ -110,17 +115,19 @@ class Sizes:
     decode_steps: int
     serve_streams: tuple
     serve_tokens: int
+    rl: tuple  # (examples, samples per example, device batch, max new tokens, timed steps)
 
 
 GPU = Sizes(depths=(12, 24), seq_len=2048, vocab_size=32768, head_dim=128, batches=(32, 16, 8, 4, 2, 1), warmup=3,
             steps=10, loss_steps=30, attention_batch=16, compile=True, decode_contexts=(128, 1024),
-            decode_batches=(1, 8, 32), decode_steps=32, serve_streams=(1, 8, 32), serve_tokens=64)
+            decode_batches=(1, 8, 32), decode_steps=32, serve_streams=(1, 8, 32), serve_tokens=64,
+            rl=(2, 16, 8, 256, 2))
 # The model runs eager here: compiling even a depth-2 GPT takes ~50 s on 2 cold CPU cores, on top
 # of the ~25 s that MuonAdamW's kernels (compiled always) take. At T=256 the S window (128: windows
 # come in multiples of 128) is shorter than the context, so the windowed attention paths run too.
 SMOKE = Sizes(depths=(2,), seq_len=256, vocab_size=512, head_dim=64, batches=(4, 2), warmup=1, steps=2,
               loss_steps=15, attention_batch=2, compile=False, decode_contexts=(16, 64), decode_batches=(1, 2),
-              decode_steps=3, serve_streams=(1, 2), serve_tokens=4)
+              decode_steps=3, serve_streams=(1, 2), serve_tokens=4, rl=(1, 2, 2, 4, 1))
 
 
 def skipped(why: str) -> dict:
@@ -356,6 +363,19 @@ class Checks:
                  for r in rows]
         return {"status": "ok", "depth": depth, "results": rows, "summary": f"d{depth}: " + "; ".join(parts)}
 
+    def rl_step(self, depth: int) -> dict:
+        rt, s = self.rt, self.sizes
+        tokenizer = bench_chat.bench_tokenizer()
+        config = config_from_depth(depth, tokenizer.get_vocab_size(), s.seq_len, head_dim=s.head_dim)
+        examples, samples, batch, new_tokens, steps = s.rl
+        r = bench_rl.measure(build_model(config, rt.device, rt.dtype), tokenizer, rt, examples, samples, batch,
+                             new_tokens, steps)
+        return {"status": "ok", "depth": depth, **{k: round(v, 4) for k, v in r.items()},
+                "summary": f"d{depth} {examples} x {samples} samples (batch {batch}, <= {new_tokens} tokens): step "
+                           f"{1000 * r['step_s']:,.0f} ms = rollouts {1000 * r['rollout_s']:,.0f} ms "
+                           f"({r['rollout_tok_per_s']:,.0f} tok/s) + backward {1000 * r['backward_s']:,.0f} ms + "
+                           f"optimizer {1000 * r['optimizer_s']:,.0f} ms"}
+
     def nccl_step(self) -> dict:
         visible = torch.cuda.device_count()
         if self.rt.device.type != "cuda" or visible < 2:
@@ -510,6 +530,7 @@ def plan(checks: Checks, sizes: Sizes, sections: set) -> list:
     items.append(Item("nccl", "2 ranks", checks.nccl_step))
     items.append(Item("sft", f"d{first}", lambda: checks.sft_step(first)))
     items.append(Item("serve", f"d{first}", lambda: checks.serve(first)))
+    items.append(Item("rl", f"d{first}", lambda: checks.rl_step(first)))
     items += [Item("throughput", f"d{d} {s}", lambda d=d, s=s: checks.throughput(d, s)) for d in rest for s in SETTINGS]
     items += [Item("kv_decode", f"d{d}", lambda d=d: checks.kv_decode(d)) for d in rest]
     for item in items:

@@ -15,7 +15,7 @@ from conftest import REPO
 SCRIPT = REPO / "bench" / "gpu_check.py"
 SECTION_TITLES = ("1. training throughput", "2. attention fwd+bwd", "3. loss falls", "4. KV-cache decode",
                   "5. 2-GPU NCCL step", "6. SFT step",
-                  "7. chat-web streams")
+                  "7. chat-web streams", "8. RL step")
 
 
 def run_check(tmp_path, *flags):
@@ -61,10 +61,11 @@ def test_smoke_run_records_every_section(tmp_path):
     assert table["5. 2-GPU NCCL step | 2 ranks"] == "skipped: 0 GPUs visible"
     assert table["6. SFT step | d2"].startswith("ok: d2 B=4 x 2 micro-batches: ")
     assert table["7. chat-web streams | d2"].startswith("ok: d2: 1 streams: TTFT median ")
+    assert table["8. RL step | d2"].startswith("ok: d2 1 x 2 samples (batch 2, <= 4 tokens): step ")
 
     assert {"date", "device", "torch", "cuda", "commit", "command", "elapsed_s", "ok", "results"} <= set(summary)
     assert summary["ok"] and summary["smoke"]
-    assert set(summary["results"]) == {"throughput", "attention", "loss", "kv_decode", "nccl", "sft", "serve"}
+    assert set(summary["results"]) == {"throughput", "attention", "loss", "kv_decode", "nccl", "sft", "serve", "rl"}
     loss = summary["results"]["loss"][0]
     assert loss["status"] == "pass" and loss["last_loss"] < loss["bar"] < loss["first_loss"]
     trained = summary["results"]["throughput"][1]

@@ -98,14 +98,41 @@ def test_resume_after_sigterm_is_exact(base_home, tmp_path, monkeypatch):
     monkeypatch.setattr(chat_rl, "stop_requested", stop_requested)
     folder = killed_home / "rl_checkpoints" / "d2"
     assert ckpt.complete_steps(folder) == [3]
-    with pytest.raises(PicochatError, match=r"trained with other settings \(--num-samples 8 -> 4\)"):
-        run(config(num_iterations=6, save_every=3, eval_every=3, num_samples=4, resume=True))
+    with pytest.raises(PicochatError, match=r"trained with other settings \(--max-new-tokens 3 -> 4\)"):
+        run(config(num_iterations=6, save_every=3, eval_every=3, max_new_tokens=4, resume=True))
     run(config(num_iterations=6, save_every=3, eval_every=3, resume=True))
     resumed = metrics(killed_home)
     assert deterministic(resumed) == deterministic(straight)
     a = ckpt.load_model_state(straight_home / "rl_checkpoints" / "d2", 6, "cpu")
     b = ckpt.load_model_state(folder, 6, "cpu")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_after_a_crash_from_a_periodic_checkpoint(base_home, tmp_path, monkeypatch):
+    """A run that dies at step 5 (no save then) resumes from its step-3 checkpoint, whose evals ran
+    before the save: metrics.jsonl ends up as the straight run's, each step once."""
+    monkeypatch.setenv("PICOCHAT_DTYPE", "float32")
+    c = config(num_iterations=6, save_every=3, eval_every=3)
+    straight_home = shutil.copytree(base_home, tmp_path / "straight")
+    monkeypatch.setenv("PICOCHAT_HOME", str(straight_home))
+    run(c)
+    crashed_home = shutil.copytree(base_home, tmp_path / "crashed")
+    monkeypatch.setenv("PICOCHAT_HOME", str(crashed_home))
+    train_step = chat_rl.train_step
+
+    def dies_at_step_5(r, step):
+        if step == 5:
+            raise RuntimeError("the machine went away")
+        return train_step(r, step)
+
+    monkeypatch.setattr(chat_rl, "train_step", dies_at_step_5)
+    with pytest.raises(RuntimeError, match="went away"):
+        run(c)
+    monkeypatch.setattr(chat_rl, "train_step", train_step)
+    assert ckpt.complete_steps(crashed_home / "rl_checkpoints" / "d2") == [3]
+    assert [r["step"] for r in metrics(crashed_home) if "reward" in r] == [0, 1, 2, 3, 4]
+    run(config(num_iterations=6, save_every=3, eval_every=3, resume=True))
+    assert deterministic(metrics(crashed_home)) == deterministic(metrics(straight_home))
 
 
 def test_two_processes_make_the_same_update_as_one(home):
@@ -166,11 +193,26 @@ def test_errors(home, capsys):
     with pytest.raises(PicochatError) as e:
         run(config(source="sft"))
     assert "sft" in one_line(e)
+    with pytest.raises(PicochatError) as e:
+        run(config(task="picochat.tasks.humaneval:HumanEval"))
+    assert "HumanEval(split='train')" in one_line(e)
+    with pytest.raises(PicochatError) as e:
+        run(config(num_samples=6, device_batch_size=4))
+    assert "multiple of --device-batch-size 4" in one_line(e)
+    with pytest.raises(PicochatError) as e:
+        run(config(eval_examples=0))
+    assert "--eval-examples" in one_line(e)
     run(config(num_iterations=1))
     with pytest.raises(PicochatError) as e:
         run(config(num_iterations=1))
     assert "--resume" in one_line(e) and "--overwrite" in one_line(e)
     run(config(num_iterations=1, overwrite=True))
+    # from an RL checkpoint, into the same tag: its own source would be overwritten
+    with pytest.raises(PicochatError) as e:
+        run(config(source="rl", num_iterations=1, overwrite=True))
+    assert "--output-tag" in one_line(e)
+    assert ckpt.complete_steps(home / "rl_checkpoints" / "d2") == [1]
+    run(config(source="rl", num_iterations=1, output_tag="again"))
 
 
 def test_command_line():

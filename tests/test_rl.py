@@ -47,8 +47,10 @@ def group(sequences, masks, rewards, pad=0):
 
 # Group A: row 0 = prompt 3, sampled 1, tool-forced 2, sampled 2; row 1 = prompt 3, sampled 1.
 A = ([[3, 1, 2, 2], [3, 1]], [[0, 1, 0, 1], [0, 1]], [1.0, 0.0])
-# Group B: all rewards equal, longer rows
-B = ([[3, 3, 1, 1, 1], [3, 3, 2]], [[0, 0, 1, 1, 1], [0, 0, 1]], [1.0, 1.0])
+# Group B: longer rows, 4 target tokens
+B = ([[3, 3, 1, 1, 1], [3, 3, 2]], [[0, 0, 1, 1, 1], [0, 0, 1]], [1.0, 0.0])
+# Group C: B's rows with equal rewards
+C = (*B[:2], [1.0, 1.0])
 
 
 def test_padding_and_targets():
@@ -66,19 +68,26 @@ def test_advantages_are_reward_minus_group_mean():
 
 
 def test_loss_normalisation_and_gradient_by_hand():
-    """Two groups, one pass each (batch 2), examples = 2. Group A: advantages +-0.5, 3 target tokens
-    (the forced one left out): objective = (0.5 * 2 * -ln4 - 0.5 * 1 * -ln4) / (3 * 1 pass * 2 examples)
-    = -ln4 / 12. Group B: equal rewards, objective 0 and no gradient, no NaN."""
+    """Two groups of unequal lengths, one pass each (batch 2), examples = 2; logp = -ln4 everywhere.
+    Group A: advantages +-0.5, 3 target tokens (the forced one left out): objective
+    (0.5 * 2 * -ln4 - 0.5 * 1 * -ln4) / (3 tokens * 1 pass * 2 examples) = -ln4 / 12.
+    Group B: advantages +-0.5, 4 target tokens: (0.5 * 3 * -ln4 - 0.5 * 1 * -ln4) / (4 * 1 * 2) = -ln4 / 8.
+    Group C, equal rewards: objective 0, no gradient, no NaN. Gradients add up over the groups."""
     model = Uniform()
-    a, b = group(*A), group(*B)
-    objective_a = policy_gradient_backward(model, a, batch_size=2, examples=2, scaler=None)
+    objective_a = policy_gradient_backward(model, group(*A), batch_size=2, examples=2, scaler=None)
     assert objective_a == pytest.approx(-math.log(4) / 12)
-    grad_a = model.bias.grad.clone()
     # d objective / d bias_v = sum over targets adv * ([v == t] - 1/4) / 6 = (0.5 [v == 2] - 0.125) / 6;
     # the loss is -objective
-    assert grad_a.tolist() == pytest.approx([0.125 / 6, 0.125 / 6, -0.375 / 6, 0.125 / 6])
-    objective_b = policy_gradient_backward(model, b, batch_size=2, examples=2, scaler=None)
-    assert objective_b == 0.0 and torch.equal(model.bias.grad, grad_a)
+    grad_a = torch.tensor([0.125, 0.125, -0.375, 0.125]) / 6
+    assert model.bias.grad.tolist() == pytest.approx(grad_a.tolist())
+    objective_b = policy_gradient_backward(model, group(*B), batch_size=2, examples=2, scaler=None)
+    assert objective_b == pytest.approx(-math.log(4) / 8)
+    # group B: -(1.5 (e1 - 1/4) - 0.5 (e2 - 1/4)) / 8
+    grad_b = torch.tensor([0.25, -1.25, 0.75, 0.25]) / 8
+    assert model.bias.grad.tolist() == pytest.approx((grad_a + grad_b).tolist())
+    before = model.bias.grad.clone()
+    objective_c = policy_gradient_backward(model, group(*C), batch_size=2, examples=2, scaler=None)
+    assert objective_c == 0.0 and torch.equal(model.bias.grad, before) and not before.isnan().any()
 
 
 def test_passes_are_normalised_each_by_its_own_tokens():

@@ -24,8 +24,10 @@ Beyond the reference (which saves no optimizer state): checkpoints with the opti
 never deletes a tag's checkpoints without --overwrite.
 
 metrics.jsonl (in the checkpoint folder): training steps {"step", "reward" (mean over all samples of
-all ranks), "seq_len" (mean generated tokens per sample), "objective", "lrm", "dt", "rollout_s",
-"rollout_tok_per_s" (generated tokens per second of rollout, all ranks), "samples"} and evaluations
+all ranks), "seq_len" (mean generated tokens per sample, tool output included), "loss" (the
+policy-gradient loss backpropagated, -objective; not a likelihood: it follows the advantages), "lrm", "dt",
+"rollout_s" (the slowest rank's time sampling and rewarding, tool calls included),
+"rollout_tok_per_s" (all ranks' generated tokens over that time), "samples"} and evaluations
 {"step", "pass@1", ..., "pass@k", "eval_problems"}.
 """
 
@@ -114,7 +116,11 @@ def build_tasks(name: str) -> tuple[Task, Task]:
         raise PicochatError(f"--task {name!r}: cannot import it ({e})") from None
     if not (isinstance(cls, type) and issubclass(cls, Task)):
         raise PicochatError(f"--task {name!r} is not a picochat.tasks.common.Task subclass")
-    return cls(split="train"), cls(split="test")
+    try:
+        return cls(split="train"), cls(split="test")
+    except TypeError as e:
+        raise PicochatError(f"--task {name!r}: chat-rl builds it as {class_name}(split='train') and "
+                            f"{class_name}(split='test'), which fails ({e})") from None
 
 
 class ExampleCursor:
@@ -148,6 +154,13 @@ def check_config(c: RLConfig, world_size: int):
                  "eval_samples"):
         if getattr(c, name) < 1:
             raise PicochatError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(c, name)})")
+    if c.eval_examples == 0 or c.eval_examples < -1:
+        raise PicochatError(f"--eval-examples must be -1 (all) or at least 1 (got {c.eval_examples})")
+    # each pass of a group weighs the same in the loss (the reference's normalisation): passes of
+    # equal size keep every token's weight equal too
+    if c.num_samples % c.device_batch_size:
+        raise PicochatError(f"--num-samples {c.num_samples} must be a multiple of --device-batch-size "
+                            f"{c.device_batch_size} (the loss weighs each batch of a prompt's samples alike)")
     if c.examples_per_step % world_size:
         raise PicochatError(f"--examples-per-step {c.examples_per_step} must be divisible by the number of "
                             f"processes ({world_size})")
@@ -187,6 +200,9 @@ def setup(c: RLConfig, rt):
                             f"--examples-per-step {c.examples_per_step}")
     num_steps = c.num_iterations if c.num_iterations > 0 else (len(train_task) // c.examples_per_step) * c.num_epochs
     tag = c.output_tag or src_dir.name
+    if c.source == "rl" and tag == src_dir.name:
+        raise PicochatError(f"-i rl starts from the RL run {tag!r}, which this run would write into: give it its own "
+                            "--output-tag")
     ckpt_dir = ckpt.checkpoint_dir("rl", tag)
     resume_step = find_resume_step(ckpt_dir, c.resume, c.resume_from_step, c.overwrite, rt.rank, rt.ddp)
 
@@ -196,6 +212,9 @@ def setup(c: RLConfig, rt):
         saved_meta = ckpt.load_meta(ckpt_dir, resume_step)
         check_resumable(saved_meta, where, model.config, dataclasses.asdict(c), FREE_FLAGS, rt.world_size, rt.dtype,
                         tokenizer)
+        if saved_meta["num_steps"] != num_steps:  # e.g. the task's data changed since: another run
+            raise PicochatError(f"{where} was a run of {saved_meta['num_steps']} steps, this one has {num_steps} "
+                                f"(the task {c.task!r} has {len(train_task):,} training examples now)")
         ckpt.load_state_into(model, ckpt.load_model_state(ckpt_dir, resume_step, rt.device))
         print0(f"resuming from {where}")
     # not compiled, as the reference: every step's sequences have other lengths
@@ -220,11 +239,11 @@ def setup(c: RLConfig, rt):
     return r, resume_step, loop
 
 
-def all_sum(values: list[float], rt) -> list[float]:
-    """Elementwise sums over the ranks (float64, so counts stay exact)."""
+def all_reduce(values: list[float], rt, op=dist.ReduceOp.SUM) -> list[float]:
+    """Elementwise sums (or op) over the ranks (float64, so counts stay exact)."""
     t = torch.tensor(values, dtype=torch.float64, device=rt.device)
     if rt.ddp:
-        dist.all_reduce(t)
+        dist.all_reduce(t, op=op)
     return t.tolist()
 
 
@@ -236,7 +255,7 @@ def evaluate(r: Run) -> dict:
         solved = pass_at_k(r.engine, r.eval_task, range(rt.rank, size, rt.world_size), c.eval_samples,
                            c.device_batch_size, c.max_new_tokens, c.temperature, c.top_k or None)
     r.model.train()
-    *solved, total = all_sum([*solved.tolist(), len(range(rt.rank, size, rt.world_size))], rt)
+    *solved, total = all_reduce([*solved.tolist(), len(range(rt.rank, size, rt.world_size))], rt)
     return {**{f"pass@{k + 1}": s / max(total, 1) for k, s in enumerate(solved)}, "eval_problems": int(total)}
 
 
@@ -254,6 +273,8 @@ def train_step(r: Run, step: int) -> dict:
     t1 = time.perf_counter()
     r.model.train()
     objective = 0.0
+    # every group takes part, also one whose advantages are all 0: MuonAdamW wants every
+    # parameter's gradient on every rank
     with out_of_memory_hint("--device-batch-size", c.device_batch_size, "in the policy-gradient step"):
         for group in groups:
             objective += policy_gradient_backward(r.model, group, c.device_batch_size, r.examples_per_rank, r.scaler)
@@ -266,9 +287,10 @@ def train_step(r: Run, step: int) -> dict:
     rewards = sum(g.rewards.sum().item() for g in groups)
     tokens = sum(sum(g.lengths) for g in groups)
     samples = sum(len(g.lengths) for g in groups)
-    rewards, tokens, samples, objective, rollout_s = all_sum([rewards, tokens, samples, objective, t1 - t0], rt)
-    rollout_s /= rt.world_size  # the ranks' mean time
-    return {"reward": rewards / samples, "seq_len": tokens / samples, "objective": objective / rt.world_size,
+    rewards, tokens, samples, objective = all_reduce([rewards, tokens, samples, objective], rt)
+    # the slowest rank's: every rank waits for it at the optimizer step
+    (rollout_s,) = all_reduce([t1 - t0], rt, dist.ReduceOp.MAX)
+    return {"reward": rewards / samples, "seq_len": tokens / samples, "loss": -objective / rt.world_size,
             "lrm": lrm, "dt": t2 - t0, "rollout_s": rollout_s, "rollout_tok_per_s": tokens / rollout_s,
             "samples": int(samples)}
 
@@ -319,7 +341,6 @@ def train(c: RLConfig, rt, stop) -> dict:
                 break
 
             record = train_step(r, step)
-            loop.count_time(step, record["dt"])
             metrics.write({"step": step, **record})
             print0(f"step {step:05d}/{r.num_steps} | reward: {record['reward']:.4f} | seq len: "
                    f"{record['seq_len']:.1f} | lrm: {record['lrm']:.3f} | dt: {record['dt'] * 1000:.0f}ms | "

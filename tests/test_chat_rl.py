@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from chat_data import GSM8K_SCHEMA, gsm8k_rows, write_split
+from chat_data import GSM8K_SCHEMA, gsm8k_rows, write_split, write_words
 from conftest import REPO, free_port
 
 from picochat import checkpoint as ckpt
@@ -161,9 +161,9 @@ def test_two_processes_make_the_same_update_as_one(home):
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
-def test_gsm8k_through_a_mirror(home, tmp_path, monkeypatch):
+def test_gsm8k_and_spelling_through_a_mirror(home, tmp_path, monkeypatch):
     """The default task: GSM8K train/test from the task mirror, rewards from the "#### N" answer,
-    samples through the engine with the calculator tool."""
+    samples through the engine with the calculator tool; then --task spelling."""
     mirror = tmp_path / "mirror"
     write_split(mirror, "openai/gsm8k", "main", "train", gsm8k_rows(8), GSM8K_SCHEMA)
     write_split(mirror, "openai/gsm8k", "main", "test", gsm8k_rows(4), GSM8K_SCHEMA)
@@ -175,6 +175,14 @@ def test_gsm8k_through_a_mirror(home, tmp_path, monkeypatch):
     assert [r["step"] for r in records if "reward" in r] == [0, 1]
     assert all(0 <= r["reward"] <= 1 for r in records if "reward" in r)
     assert [r["eval_problems"] for r in records if "pass@1" in r] == [4, 4]
+
+    # --task spelling: SpellingBee over the mirror's word list, the same loop
+    write_words(mirror, ["apple", "banana", "cherry", "strawberry"])
+    result = run(config(task="spelling", num_iterations=1, num_samples=2, device_batch_size=2, max_new_tokens=8,
+                        eval_every=1, eval_examples=2, eval_samples=2, output_tag="spelling"))
+    records = metrics(home, "spelling")
+    assert [r["step"] for r in records if "reward" in r] == [0]
+    assert [r["eval_problems"] for r in records if "pass@1" in r] == [2, 2]
 
 
 def test_errors(home, capsys):

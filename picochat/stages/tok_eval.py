@@ -1,12 +1,13 @@
 """`picochat tok-eval`: how well our tokenizer compresses text (bytes per token,
 higher is better) next to GPT-2's and GPT-4's, on a few fixed samples and on the
-first row group of the train and val splits of the pretraining data."""
+first row group of the train and val splits of the pretraining data. The table is
+also written to $PICOCHAT_HOME/tok_eval/tok_eval.md (for `picochat report`)."""
 
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-from picochat.common import PicochatError
+from picochat.common import PicochatError, get_base_dir
 from picochat.dataset import DATASETS, DEFAULT_DATASET, data_dir_for, parquets_iter_batched
 from picochat.tokenizer import Tokenizer, get_tokenizer
 
@@ -131,6 +132,9 @@ def run(config: TokEvalConfig) -> str:
     report += [f"note: {note}" for note in notes]
     text = "\n".join(report)
     print(text)
+    out = get_base_dir() / "tok_eval" / "tok_eval.md"  # for `picochat report`
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text + "\n")
     return text
 
 

@@ -1,0 +1,131 @@
+"""picochat report on a fixed, hand-written set of stage outputs: the tables it must produce (values
+worked out by hand), stages that did not run reported as not run, plots written (or, without
+matplotlib, the reason why not), and the stage's files."""
+
+import datetime
+import json
+import sys
+
+import pytest
+
+from picochat.report import build_report
+from picochat.stages import report as report_stage
+
+MODEL = {"sequence_len": 64, "vocab_size": 1024, "n_layer": 2, "n_head": 2, "n_kv_head": 2, "n_embd": 128,
+         "window_pattern": "L", "preset": "default"}
+NOW = datetime.datetime(2026, 12, 3, 12, 0, tzinfo=datetime.timezone.utc)
+
+
+def write_json(path, data):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+
+
+def checkpoint(home, stage, tag, step, meta, metrics):
+    folder = home / f"{stage}_checkpoints" / tag
+    write_json(folder / f"meta_{step:06d}.json", {"step": step, "model_config": MODEL, **meta})
+    (folder / f"model_{step:06d}.pt").write_bytes(b"weights")  # only its presence is read
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in metrics) + '{"step": 3, "lo')
+
+
+@pytest.fixture
+def home(tmp_path, small_tokenizer, monkeypatch):
+    home = tmp_path / "home"
+    monkeypatch.setenv("PICOCHAT_HOME", str(home))
+    small_tokenizer.save(home / "tokenizer")
+    (home / "tok_eval").mkdir()
+    (home / "tok_eval" / "tok_eval.md").write_text("bytes per token table\n| news | 4.50 |\n")
+    # base: 20 steps of 100 s on 8 processes, MFU 40/50 alternating, evals at 0, 10, 20
+    train = [{"step": s, "loss": 5.0 - 0.1 * s, "dt": 100.0, "tok_per_s": 1000.0, "bf16_mfu": 40.0 + 10 * (s % 2),
+              "tokens": 1000 * (s + 1), "flops": 1e9 * (s + 1)} for s in range(20)]
+    evals = [{"step": s, "val_bpb": 1.5 - 0.01 * s} for s in (0, 10, 20)]
+    checkpoint(home, "base", "d2", 20, {"world_size": 8, "loop_state": {"total_training_time": 1800.0,
+                                                                        "val_bpb": 1.3, "min_val_bpb": 1.3}},
+               train + evals)
+    write_json(home / "base_eval" / "d2" / "base_model_000020.json", {
+        "core": {"tasks": {"hellaswag": {"accuracy": 0.5, "centered": 1 / 3, "examples": 100},
+                           "arc_easy": {"accuracy": 0.4, "centered": 0.2, "examples": 50}},
+                 "metric_name": "CORE (partial: 2 of 22 tasks)", "metric": 0.2667, "examples": 150},
+        "bpb": {"train": 1.31, "val": 1.32, "split_tokens": 8192},
+        "samples": {"conditioned": ["The capital of France is Paris."], "unconditioned": []}})
+    sft_train = [{"step": s, "loss": 2.0 - 0.5 * s, "dt": 10.0} for s in range(5)]
+    checkpoint(home, "sft", "d2", 5, {"world_size": 8, "base_checkpoint": {"tag": "d2", "step": 20},
+                                      "loop_state": {}}, sft_train + [{"step": 5, "val_bpb": 0.9}])
+    tasks = lambda arc, gsm: {"ARC-Easy": {"accuracy": arc}, "GSM8K": {"accuracy": gsm}}
+    write_json(home / "chat_eval" / "sft_d2" / "step_000005.json",
+               {"step": 5, "tasks": tasks(0.3, 0.05), "metric_name": "ChatCORE (partial: 2 of 5 tasks)",
+                "metric": 0.1})
+    # a capped run of the same step: the full one's numbers are reported
+    write_json(home / "chat_eval" / "sft_d2" / "step_000005_ARC-Easy_max5.json",
+               {"step": 5, "tasks": {"ARC-Easy": {"accuracy": 1.0}}})
+    write_json(home / "chat_eval" / "base_d2" / "step_000020.json", {"step": 20, "tasks": tasks(0.25, 0.0)})
+    return home
+
+
+def section(text: str, title: str) -> str:
+    return text.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_the_tables_from_fixed_stage_outputs(home, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    text = build_report(home, out, now=NOW)
+    assert text.startswith("# picochat run report\n\nGenerated 2026-12-03 12:00 UTC")
+    assert "| picochat commit |" in section(text, "Environment") and "| torch |" in text
+
+    tok = section(text, "Tokenizer")
+    assert "vocabulary: 1,024 tokens" in tok and "| news | 4.50 |" in tok
+
+    base = section(text, "base-train")
+    # wte and lm_head: vocab x width = 1024 x 128
+    assert "tag `d2`, step 20" in base and "wte 131,072" in base and "lm_head 131,072" in base
+    assert "| processes | 8 |" in base
+    assert "| time in steps (sum of dt) | 2,000.0 s (0.56 h) |" in base  # 20 x 100 s
+    assert "| training time (leaderboard clock: steps after the first 10) | 1,800.0 s (0.50 h) |" in base
+    assert "| tokens trained | 20,000 |" in base and "| training FLOPs | 2.000e+10 |" in base
+    assert "| mean bf16 MFU | 45.00% |" in base
+    assert "| cost estimate | $12.00 (8 GPU(s) at $3/GPU-hour) |" in base  # 0.5 h x 8 x $3
+    assert "| val bpb (last) | 1.3000 |" in base
+    assert "| hellaswag | 0.5000 | 0.3333 | 100 |" in base and "| arc_easy | 0.4000 | 0.2000 | 50 |" in base
+    assert "| **CORE (partial: 2 of 22 tasks)** |  | **0.2667** | 150 |" in base  # its partial name kept
+    assert "bits per byte: train 1.3100, val 1.3200 (8,192 tokens per split)" in base
+
+    sft = section(text, "chat-sft")
+    assert "from base `d2` step 20" in sft and "| time in steps (sum of dt) | 50.0 s (0.01 h) |" in sft
+    assert "cost estimate" not in sft
+    assert section(text, "chat-rl").strip() == "chat-rl not run (no checkpoint)."
+
+    chat = section(text, "Chat evaluation (chat-eval)")
+    assert "| task | base (step 20) | sft (step 5) | rl (not run) |" in chat
+    assert "| ARC-Easy | 0.2500 | 0.3000 | not run |" in chat and "| GSM8K | 0.0000 | 0.0500 | not run |" in chat
+    assert "| ChatCORE (name as reported) | n/a | ChatCORE (partial: 2 of 5 tasks): 0.1000 | n/a |" in chat
+
+    assert "The capital of France is Paris." in section(text, "Samples")
+    plots = section(text, "Plots")
+    names = ["base_loss.png", "base_val_bpb.png", "base_speed.png", "sft.png"]
+    assert all(f"]({name})" in plots for name in names) and "rl.png" not in plots
+    assert all((out / name).read_bytes().startswith(b"\x89PNG") for name in names)
+
+
+def test_nothing_run_and_no_matplotlib(tmp_path, monkeypatch):
+    home = tmp_path / "empty"
+    home.mkdir()
+    monkeypatch.setenv("PICOCHAT_HOME", str(home))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # what an environment without it gives
+    text = build_report(home, tmp_path, now=NOW)
+    for line in ("tok-train not run (no tokenizer).", "base-train not run (no checkpoint).",
+                 "chat-sft not run (no checkpoint).", "chat-rl not run (no checkpoint).", "chat-eval not run.",
+                 "matplotlib is not installed (pip install 'picochat[report]'), so this report has no plots."):
+        assert line in text
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_the_stage_writes_the_report_and_a_copy(home, tmp_path, capsys):
+    copy = tmp_path / "here"
+    report_stage.main(["--copy-to", str(copy)])
+    written = home / "report" / "report.md"
+    assert written.exists() and (home / "report" / "base_loss.png").exists()
+    text = (copy / "report.md").read_text()
+    # the copy links the plots where they are: none are copied among the user's files
+    assert f"]({(home / 'report' / 'base_loss.png').resolve()})" in text and not list(copy.glob("*.png"))
+    assert "report written to" in capsys.readouterr().out

@@ -79,3 +79,25 @@ def smoltalk_rows(n: int) -> list[dict]:
             messages.insert(0, {"content": "Be brief.", "role": "system"})
         rows.append({"messages": messages})
     return rows
+
+
+SMOLTALK_TRAIN, MMLU_AUX, GSM8K_TRAIN, SPELLING = 60, 10, 10, 20  # rows in write_task_mirror's splits
+WORDS = ["apple", "banana", "cherry", "kiwi", "strawberry", "river", "mountain"]
+
+
+def write_task_mirror(root: Path) -> Path:
+    """Every split chat-sft, chat-eval and chat-rl read: the SFT mixture, its validation, the five
+    ChatCORE tasks and the word list."""
+    write_split(root, "HuggingFaceTB/smol-smoltalk", "default", "train", smoltalk_rows(SMOLTALK_TRAIN),
+                SMOLTALK_SCHEMA)
+    write_split(root, "HuggingFaceTB/smol-smoltalk", "default", "test", smoltalk_rows(20), SMOLTALK_SCHEMA)
+    write_split(root, "cais/mmlu", "auxiliary_train", "train", [{"train": r} for r in mmlu_rows(MMLU_AUX, "law")],
+                MMLU_AUX_SCHEMA)
+    write_split(root, "cais/mmlu", "all", "test", mmlu_rows(10), MMLU_SCHEMA)
+    write_split(root, "openai/gsm8k", "main", "train", gsm8k_rows(GSM8K_TRAIN), GSM8K_SCHEMA)
+    write_split(root, "openai/gsm8k", "main", "test", gsm8k_rows(10), GSM8K_SCHEMA)
+    write_split(root, "allenai/ai2_arc", "ARC-Easy", "test", arc_rows(6), ARC_SCHEMA)
+    write_split(root, "allenai/ai2_arc", "ARC-Challenge", "test", arc_rows(6), ARC_SCHEMA)
+    write_split(root, "openai/openai_humaneval", "openai_humaneval", "test", HUMANEVAL_ROWS, HUMANEVAL_SCHEMA)
+    write_words(root, WORDS)
+    return root

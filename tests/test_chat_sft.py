@@ -15,21 +15,7 @@ import sys
 
 import pytest
 import torch
-from chat_data import (
-    ARC_SCHEMA,
-    GSM8K_SCHEMA,
-    HUMANEVAL_ROWS,
-    HUMANEVAL_SCHEMA,
-    MMLU_AUX_SCHEMA,
-    MMLU_SCHEMA,
-    SMOLTALK_SCHEMA,
-    arc_rows,
-    gsm8k_rows,
-    mmlu_rows,
-    smoltalk_rows,
-    write_split,
-    write_words,
-)
+from chat_data import GSM8K_TRAIN, MMLU_AUX, SMOLTALK_TRAIN, SPELLING, write_task_mirror
 from conftest import REPO
 
 from picochat import checkpoint as ckpt
@@ -38,27 +24,11 @@ from picochat.common import PicochatError
 from picochat.stages import chat_sft
 from picochat.stages.chat_sft import SFTConfig, lr_multiplier, run
 
-SMOLTALK_TRAIN, MMLU_AUX, GSM8K_TRAIN, SPELLING = 60, 10, 10, 20
-WORDS = ["apple", "banana", "cherry", "kiwi", "strawberry", "river", "mountain"]
-
 
 @pytest.fixture(scope="module")
 def mirror(tmp_path_factory):
     """Every split chat-sft reads: the training mixture, validation, and ChatCORE's five tasks."""
-    root = tmp_path_factory.mktemp("task_mirror")
-    write_split(root, "HuggingFaceTB/smol-smoltalk", "default", "train", smoltalk_rows(SMOLTALK_TRAIN),
-                SMOLTALK_SCHEMA)
-    write_split(root, "HuggingFaceTB/smol-smoltalk", "default", "test", smoltalk_rows(20), SMOLTALK_SCHEMA)
-    write_split(root, "cais/mmlu", "auxiliary_train", "train", [{"train": r} for r in mmlu_rows(MMLU_AUX, "law")],
-                MMLU_AUX_SCHEMA)
-    write_split(root, "cais/mmlu", "all", "test", mmlu_rows(10), MMLU_SCHEMA)
-    write_split(root, "openai/gsm8k", "main", "train", gsm8k_rows(GSM8K_TRAIN), GSM8K_SCHEMA)
-    write_split(root, "openai/gsm8k", "main", "test", gsm8k_rows(10), GSM8K_SCHEMA)
-    write_split(root, "allenai/ai2_arc", "ARC-Easy", "test", arc_rows(6), ARC_SCHEMA)
-    write_split(root, "allenai/ai2_arc", "ARC-Challenge", "test", arc_rows(6), ARC_SCHEMA)
-    write_split(root, "openai/openai_humaneval", "openai_humaneval", "test", HUMANEVAL_ROWS, HUMANEVAL_SCHEMA)
-    write_words(root, WORDS)
-    return root
+    return write_task_mirror(tmp_path_factory.mktemp("task_mirror"))
 
 
 def make_home(base_home, folder, mirror, monkeypatch):

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# The leaderboard recipe, "time to GPT-2", on one 8xH100 node: set up, fetch ClimbMix shards (a few
+# first, the rest in the background while the tokenizer trains), tokenizer, base-train d24 at the
+# reference's current speedrun settings (ratio 8, device batch 16; its --fp8 is not in picochat yet,
+# so expect a slower clock than its 1.65 h), base-eval (the full CORE), chat-sft, chat-eval, report.
+# Prints the leaderboard time (base-train's training steps after the first 10, as the reference
+# counts) and the CORE, and whether it beat GPT-2's 0.256525.
+#
+#   bash runs/speedrun.sh              # the recipe
+#   bash runs/speedrun.sh --with-rl    # then chat-rl on GSM8K and its chat-eval
+#
+# Environment:
+#   NPROC_PER_NODE   GPUs per node (default 8). Fewer GPUs, even one, give the same run: the total
+#                    batch is fixed by --depth and gradient accumulation makes up the difference.
+#   WANDB_RUN        a wandb run name to log to (default: dummy = no wandb)
+#   Several nodes: the standard torchrun rendezvous, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT.
+#     Run this script on every node (each downloads its shards and trains the same tokenizer),
+#     with PICOCHAT_HOME on a shared file system if you want to --resume after a failure, e.g.
+#       NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 MASTER_PORT=29500 bash runs/speedrun.sh   # node 0
+#       NNODES=2 NODE_RANK=1 MASTER_ADDR=10.0.0.1 MASTER_PORT=29500 bash runs/speedrun.sh   # node 1
+set -euo pipefail
+cd "$(dirname "$0")/.."
+WITH_RL=0
+for arg in "$@"; do
+  case "$arg" in
+    --with-rl) WITH_RL=1 ;;
+    *) echo "unknown argument: $arg (the only one is --with-rl)" >&2; exit 2 ;;
+  esac
+done
+export OMP_NUM_THREADS=1
+NPROC=${NPROC_PER_NODE:-8}
+RUN=${WANDB_RUN:-dummy}
+DATASET=climbmix
+if [ "${NNODES:-1}" -gt 1 ]; then
+  LAUNCH=(torchrun --nnodes "$NNODES" --node_rank "$NODE_RANK" --master_addr "$MASTER_ADDR"
+          --master_port "${MASTER_PORT:-29500}" --nproc_per_node "$NPROC")
+else
+  LAUNCH=(torchrun --standalone --nproc_per_node "$NPROC")
+fi
+
+python3 -m venv .venv
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+python -m pip install -q -e '.[gpu,report]'
+if [ "$RUN" != dummy ]; then python -m pip install -q -e '.[wandb]'; fi
+
+# ~150 shards are needed at d24 ratio 8 (~7B tokens), 170 leave room (the reference's count)
+picochat download -n 8 --dataset "$DATASET"
+picochat download -n 170 --dataset "$DATASET" &
+DOWNLOAD=$!
+picochat tok-train --dataset "$DATASET" --max-chars 2000000000 --vocab-size 32768
+picochat tok-eval --dataset "$DATASET"
+wait "$DOWNLOAD"
+
+"${LAUNCH[@]}" -m picochat base-train --dataset "$DATASET" --depth 24 --target-param-data-ratio 8 \
+  --device-batch-size 16 --run "$RUN" --overwrite
+"${LAUNCH[@]}" -m picochat base-eval --dataset "$DATASET" --device-batch-size 16
+"${LAUNCH[@]}" -m picochat chat-sft --run "$RUN" --overwrite
+"${LAUNCH[@]}" -m picochat chat-eval -i sft
+if [ "$WITH_RL" = 1 ]; then
+  "${LAUNCH[@]}" -m picochat chat-rl --run "$RUN" --overwrite
+  "${LAUNCH[@]}" -m picochat chat-eval -i rl -a GSM8K
+fi
+
+if [ "${NODE_RANK:-0}" = 0 ]; then
+  picochat report
+  python - <<'PY'
+import glob, json, os
+home = os.environ.get("PICOCHAT_HOME") or os.path.expanduser("~/.cache/picochat")
+meta = json.load(open(max(glob.glob(os.path.join(home, "base_checkpoints", "d24", "meta_*.json")))))
+clock = meta["loop_state"]["total_training_time"]
+result = json.load(open(os.path.join(home, "base_eval", "d24", f"base_model_{meta['step']:06d}.json")))
+core = result["core"]
+print(f"leaderboard time (base-train steps after the first 10): {clock:,.0f} s = {clock / 3600:.2f} h")
+if core["core"] is None:
+    print(f"{core['metric_name']}: {core['metric']:.4f} (not the full CORE: no leaderboard verdict)")
+else:
+    verdict = "beats" if core["core"] > 0.256525 else "does not beat"
+    print(f"CORE: {core['core']:.4f}, which {verdict} GPT-2's 0.256525")
+PY
+fi

@@ -3,12 +3,15 @@ chains them: tok-train, tok-eval, base-train, base-eval, chat-sft, chat-eval, ch
 report, chat-cli. Each stage must leave its artefacts, and the report every section and plot."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 from chat_data import write_task_mirror
+from conftest import REPO
 
 from picochat import checkpoint as ckpt
-from picochat.stages import base_eval, base_train, chat_cli, chat_eval, chat_rl, chat_sft, report, tok_eval, tok_train
+from picochat.stages import base_eval, base_train, chat_eval, chat_rl, chat_sft, report, tok_eval, tok_train
 
 
 @pytest.fixture
@@ -21,7 +24,7 @@ def home(tmp_path, monkeypatch, core_bundle):
     return home
 
 
-def test_every_stage_in_a_row(home, pretrain_dir, tmp_path, capsys):
+def test_every_stage_in_a_row(home, pretrain_dir, tmp_path):
     data = str(pretrain_dir)
     tok_train.run(tok_train.TokTrainConfig(max_chars=2_000_000, vocab_size=1024, dataset=data))
     tok_eval.run(tok_eval.TokEvalConfig(dataset=data))
@@ -33,7 +36,7 @@ def test_every_stage_in_a_row(home, pretrain_dir, tmp_path, capsys):
         eval_tokens=1024, core_metric_every=-1, sample_every=-1, save_every=-1, dataset=data, model_tag="d2",
         compile="off", device_type="cpu"))
     assert ckpt.complete_steps(home / "base_checkpoints" / "d2") == [20]
-    base_eval.run(base_eval.BaseEvalConfig(model_tag="d2", max_per_task=3, tasks="copa,arc_easy",
+    base_eval.run(base_eval.BaseEvalConfig(model_tag="d2", max_per_task=12, tasks="copa,arc_easy",
                                            device_batch_size=4, split_tokens=1024, dataset=data, device_type="cpu",
                                            num_samples=1))
     assert (home / "base_eval" / "d2" / "base_model_000020.json").exists()
@@ -64,9 +67,10 @@ def test_every_stage_in_a_row(home, pretrain_dir, tmp_path, capsys):
         assert f"]({name})" in text and (home / "report" / name).read_bytes().startswith(b"\x89PNG"), name
     assert (tmp_path / "here" / "report.md").exists()
 
-    capsys.readouterr()
-    chat_cli.main(["-p", "Hello!", "--max-tokens", "8", "-t", "0", "--device-type", "cpu"])
-    answer = capsys.readouterr().out
-    assert answer.strip()  # the most trained stage (rl) answered
+    # as a user runs it: the most trained stage (rl) answers
+    done = subprocess.run([sys.executable, "-m", "picochat", "chat-cli", "-p", "Hello!", "--max-tokens", "8",
+                           "-t", "0", "--device-type", "cpu"], capture_output=True, text=True, cwd=REPO,
+                          stdin=subprocess.DEVNULL, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip(), done.stderr[-2000:]
     assert json.loads((home / "rl_checkpoints" / "d2" / "meta_000002.json").read_text())["source_checkpoint"] == \
         {"stage": "sft", "tag": "d2", "step": 4}

@@ -130,6 +130,7 @@ def training_summary(run: StageRun) -> dict:
         # a GPU-hour price: meaningless where the peak, and so the device, is unknown
         out["cost estimate"] = (f"${clock / 3600 * world * GPU_HOUR_USD:,.2f} ({world} GPU(s) at "
                                 f"${GPU_HOUR_USD:.0f}/GPU-hour)" if mfus and clock is not None else "n/a")
+    if run.stage in ("base", "sft"):  # SFT's is over its own validation mixture's assistant tokens
         out["val bpb (last)"] = fmt(loop.get("val_bpb"))
         out["val bpb (min)"] = fmt(loop.get("min_val_bpb"))
     return out

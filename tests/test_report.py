@@ -50,7 +50,8 @@ def home(tmp_path, small_tokenizer, monkeypatch):
         "samples": {"conditioned": ["The capital of France is Paris."], "unconditioned": []}})
     sft_train = [{"step": s, "loss": 2.0 - 0.5 * s, "dt": 10.0} for s in range(5)]
     checkpoint(home, "sft", "d2", 5, {"world_size": 8, "base_checkpoint": {"tag": "d2", "step": 20},
-                                      "loop_state": {}}, sft_train + [{"step": 5, "val_bpb": 0.9}])
+                                      "loop_state": {"val_bpb": 0.9, "min_val_bpb": 0.9}},
+               sft_train + [{"step": 5, "val_bpb": 0.9}])
     tasks = lambda arc, gsm: {"ARC-Easy": {"accuracy": arc}, "GSM8K": {"accuracy": gsm}}
     write_json(home / "chat_eval" / "sft_d2" / "step_000005.json",
                {"step": 5, "tasks": tasks(0.3, 0.05), "metric_name": "ChatCORE (partial: 2 of 5 tasks)",
@@ -92,7 +93,7 @@ def test_the_tables_from_fixed_stage_outputs(home, tmp_path):
 
     sft = section(text, "chat-sft")
     assert "from base `d2` step 20" in sft and "| time in steps (sum of dt) | 50.0 s (0.01 h) |" in sft
-    assert "cost estimate" not in sft
+    assert "cost estimate" not in sft and "| val bpb (last) | 0.9000 |" in sft
     assert section(text, "chat-rl").strip() == "chat-rl not run (no checkpoint)."
 
     chat = section(text, "Chat evaluation (chat-eval)")

@@ -9,6 +9,7 @@ matplotlib (the `report` extra); without it the report says so and has none.
 
 import datetime
 import json
+import os
 import platform
 import subprocess
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 
 from picochat import checkpoint as ckpt
+from picochat.common import PicochatError
 from picochat.gpt import GPT
 
 GPU_HOUR_USD = 3.0  # the reference's cost estimate: an 8xH100 node at about $24/h
@@ -38,9 +40,11 @@ def read_jsonl(path: Path) -> list[dict]:
     records = []
     for line in path.read_text().splitlines():
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line cut short by a kill
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
     return records
 
 
@@ -62,14 +66,18 @@ def training_records(run: StageRun) -> list[dict]:
 
 
 def eval_records(run: StageRun, key: str) -> list[dict]:
-    return [r for r in run.metrics if key in r and r[key] is not None]
+    """Evaluation lines up to the checkpoint's step (a killed run may have logged later ones)."""
+    return [r for r in run.metrics if key in r and r[key] is not None and r["step"] <= run.step]
 
 
-def model_summary(model_config: dict) -> dict:
+def model_summary(model_config: dict) -> dict | None:
     """Parameter counts and training FLOPs per token of a checkpoint's model (built on the meta
-    device: nothing is allocated)."""
-    with torch.device("meta"):
-        model = GPT(ckpt.config_from_meta({"model_config": model_config}), torch.float32)
+    device: nothing is allocated); None for a model this version cannot build."""
+    try:
+        with torch.device("meta"):
+            model = GPT(ckpt.config_from_meta({"model_config": model_config}), torch.float32)
+    except (PicochatError, TypeError, ValueError):
+        return None
     return {"params": model.num_scaling_params(), "flops_per_token": model.estimate_flops()}
 
 
@@ -92,7 +100,7 @@ def environment() -> dict:
         else []
     return {"picochat commit": git_commit(), "python": platform.python_version(), "torch": torch.__version__,
             "CUDA": torch.version.cuda or "none", "platform": platform.platform(),
-            "CPU": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+            "CPU": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
             "GPUs": ", ".join(gpus) if gpus else "none"}
 
 
@@ -119,17 +127,18 @@ def training_summary(run: StageRun) -> dict:
     loop = run.meta.get("loop_state", {})
     world = run.meta.get("world_size", 1)
     out = {"steps": f"{run.step:,}", "processes": str(world),
-           "time in steps (sum of dt)": seconds(sum(r["dt"] for r in steps))}
+           "time in steps (sum of dt)": seconds(sum(r["dt"] for r in steps)) if steps else "n/a (no metrics)"}
     if run.stage == "base":
         clock = loop.get("total_training_time")
-        out["training time (leaderboard clock: steps after the first 10)"] = seconds(clock)
+        out["training time (leaderboard clock: the steps after step 10)"] = seconds(clock)
         out["tokens trained"] = f"{steps[-1]['tokens']:,}" if steps else "n/a"
         out["training FLOPs"] = f"{steps[-1]['flops']:.3e}" if steps and steps[-1].get("flops") else "n/a"
         mfus = [r["bf16_mfu"] for r in steps if r.get("bf16_mfu") is not None]
         out["mean bf16 MFU"] = f"{sum(mfus) / len(mfus):.2f}%" if mfus else "n/a (no known peak FLOP/s: a CPU?)"
         # a GPU-hour price: meaningless where the peak, and so the device, is unknown
-        out["cost estimate"] = (f"${clock / 3600 * world * GPU_HOUR_USD:,.2f} ({world} GPU(s) at "
-                                f"${GPU_HOUR_USD:.0f}/GPU-hour)" if mfus and clock is not None else "n/a")
+        out["cost estimate (that clock)"] = (f"${clock / 3600 * world * GPU_HOUR_USD:,.2f} ({world} GPU(s) at "
+                                             f"${GPU_HOUR_USD:.0f}/GPU-hour, the reference's H100 price)"
+                                             if mfus and clock is not None else "n/a")
     if run.stage in ("base", "sft"):  # SFT's is over its own validation mixture's assistant tokens
         out["val bpb (last)"] = fmt(loop.get("val_bpb"))
         out["val bpb (min)"] = fmt(loop.get("min_val_bpb"))
@@ -190,14 +199,16 @@ def plot_specs(runs: dict) -> list[tuple[str, str, list]]:
     if base is not None:
         train = training_records(base)
         bpb = eval_records(base, "val_bpb")
-        # an eval at step s saw the weights after s updates: the totals of training step s - 1
         totals = {0: {"tokens": 0, "flops": 0}} | {r["step"] + 1: r for r in train}
         panels_loss, panels_bpb = [], []
+        at = lambda x, step: step if x == "step" else totals[step][x]
         for x in ("step", "tokens", "flops"):
-            panels_loss.append((x, "loss", [("train loss", [r[x] for r in train], [r["loss"] for r in train])]))
-            points = [(r["step"] if x == "step" else totals[r["step"]][x], r["val_bpb"]) for r in bpb
-                      if x == "step" or r["step"] in totals]
-            panels_bpb.append((x, "val bpb", [("val bpb", [p[0] for p in points], [p[1] for p in points])]))
+            # a step's loss is measured before its own update, an eval at step s after s updates:
+            # both at the totals of the step before
+            for panels, records, key, label in ((panels_loss, train, "loss", "train loss"),
+                                                (panels_bpb, bpb, "val_bpb", "val bpb")):
+                points = [(at(x, r["step"]), r[key]) for r in records if x == "step" or r["step"] in totals]
+                panels.append((x, key.replace("_", " "), [(label, [p[0] for p in points], [p[1] for p in points])]))
         specs.append(("base_loss.png", "base-train: training loss", panels_loss))
         specs.append(("base_val_bpb.png", "base-train: validation bits per byte", panels_bpb))
         mfu = [r for r in train if r.get("bf16_mfu") is not None]
@@ -272,7 +283,10 @@ def build_report(home: Path, out_dir: Path, tags: dict | None = None, now: datet
     else:
         from picochat.tokenizer import Tokenizer
 
-        lines.append(f"vocabulary: {Tokenizer.from_directory(tok_dir).get_vocab_size():,} tokens")
+        try:
+            lines.append(f"vocabulary: {Tokenizer.from_directory(tok_dir).get_vocab_size():,} tokens")
+        except PicochatError as e:
+            lines.append(f"the tokenizer in {tok_dir} cannot be read ({e})")
         lines += ["", "```", tok_eval.read_text().rstrip(), "```"] if tok_eval.exists() else ["", "tok-eval not run."]
 
     for stage, title in STAGES.items():
@@ -284,11 +298,14 @@ def build_report(home: Path, out_dir: Path, tags: dict | None = None, now: datet
         lines.append(f"tag `{run.tag}`, step {run.step:,}")
         if stage == "base":
             summary = model_summary(run.meta["model_config"])
-            params = summary["params"]
-            lines += ["", f"model: {run.meta['model_config']['n_layer']} layers, width "
-                          f"{run.meta['model_config']['n_embd']}, {params['total']:,} parameters ("
-                          + ", ".join(f"{k} {v:,}" for k, v in params.items() if k != "total")
-                          + f"), {summary['flops_per_token']:.4g} training FLOPs per token"]
+            if summary is None:
+                lines += ["", "model: this picochat version cannot build it (a checkpoint from another version)"]
+            else:
+                params = summary["params"]
+                lines += ["", f"model: {run.meta['model_config']['n_layer']} layers, width "
+                              f"{run.meta['model_config']['n_embd']}, {params['total']:,} parameters ("
+                              + ", ".join(f"{k} {v:,}" for k, v in params.items() if k != "total")
+                              + f"), {summary['flops_per_token']:.4g} training FLOPs per token"]
         elif "source_checkpoint" in run.meta or "base_checkpoint" in run.meta:
             src = run.meta.get("source_checkpoint") or {"stage": "base", **run.meta["base_checkpoint"]}
             lines += ["", f"from {src['stage']} `{src['tag']}` step {src['step']:,}"]

@@ -13,9 +13,10 @@
 #   NPROC_PER_NODE   GPUs per node (default 8). Fewer GPUs, even one, give the same run: the total
 #                    batch is fixed by --depth and gradient accumulation makes up the difference.
 #   WANDB_RUN        a wandb run name to log to (default: dummy = no wandb)
-#   Several nodes: the standard torchrun rendezvous, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT.
-#     Run this script on every node (each downloads its shards and trains the same tokenizer),
-#     with PICOCHAT_HOME on a shared file system if you want to --resume after a failure, e.g.
+#   Several nodes: the standard torchrun rendezvous, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT,
+#     and PICOCHAT_HOME on a file system every node shares (rank 0 writes the checkpoints that the
+#     next stages load everywhere). Run this script on every node: node 0 fetches the data and
+#     trains the tokenizer, the others wait for it; e.g.
 #       NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 MASTER_PORT=29500 bash runs/speedrun.sh   # node 0
 #       NNODES=2 NODE_RANK=1 MASTER_ADDR=10.0.0.1 MASTER_PORT=29500 bash runs/speedrun.sh   # node 1
 set -euo pipefail
@@ -31,7 +32,10 @@ export OMP_NUM_THREADS=1
 NPROC=${NPROC_PER_NODE:-8}
 RUN=${WANDB_RUN:-dummy}
 DATASET=climbmix
+NODE_RANK=${NODE_RANK:-0}
 if [ "${NNODES:-1}" -gt 1 ]; then
+  : "${PICOCHAT_HOME:?several nodes need PICOCHAT_HOME on a file system they share}"
+  : "${MASTER_ADDR:?several nodes need MASTER_ADDR (the address of node 0)}"
   LAUNCH=(torchrun --nnodes "$NNODES" --node_rank "$NODE_RANK" --master_addr "$MASTER_ADDR"
           --master_port "${MASTER_PORT:-29500}" --nproc_per_node "$NPROC")
 else
@@ -44,26 +48,39 @@ python -m pip install -q --upgrade pip
 python -m pip install -q -e '.[gpu,report]'
 if [ "$RUN" != dummy ]; then python -m pip install -q -e '.[wandb]'; fi
 
-# ~150 shards are needed at d24 ratio 8 (~7B tokens), 170 leave room (the reference's count)
-picochat download -n 8 --dataset "$DATASET"
-picochat download -n 170 --dataset "$DATASET" &
-DOWNLOAD=$!
-picochat tok-train --dataset "$DATASET" --max-chars 2000000000 --vocab-size 32768
-picochat tok-eval --dataset "$DATASET"
-wait "$DOWNLOAD"
-
-"${LAUNCH[@]}" -m picochat base-train --dataset "$DATASET" --depth 24 --target-param-data-ratio 8 \
-  --device-batch-size 16 --run "$RUN" --overwrite
-"${LAUNCH[@]}" -m picochat base-eval --dataset "$DATASET" --device-batch-size 16
-"${LAUNCH[@]}" -m picochat chat-sft --run "$RUN" --overwrite
-"${LAUNCH[@]}" -m picochat chat-eval -i sft
-if [ "$WITH_RL" = 1 ]; then
-  "${LAUNCH[@]}" -m picochat chat-rl --run "$RUN" --overwrite
-  "${LAUNCH[@]}" -m picochat chat-eval -i rl -a GSM8K
+HOME_DIR=${PICOCHAT_HOME:-$HOME/.cache/picochat}
+READY="$HOME_DIR/.speedrun_data_ready"
+if [ "$NODE_RANK" = 0 ]; then
+  rm -f "$READY"
+  # ~150 shards are needed at d24 ratio 8 (~7B tokens), 170 leave room (the reference's count)
+  picochat download -n 8 --dataset "$DATASET"
+  picochat download -n 170 --dataset "$DATASET" &
+  DOWNLOAD=$!
+  trap 'kill "$DOWNLOAD" 2>/dev/null || true' EXIT  # a failed tokenizer step stops the download too
+  picochat tok-train --dataset "$DATASET" --max-chars 2000000000 --vocab-size 32768
+  picochat tok-eval --dataset "$DATASET"
+  wait "$DOWNLOAD"
+  trap - EXIT
+  touch "$READY"
+else
+  echo "waiting for node 0 to fetch the data and train the tokenizer ($READY)"
+  while [ ! -f "$READY" ]; do sleep 10; done
 fi
 
-if [ "${NODE_RANK:-0}" = 0 ]; then
-  picochat report
+TAG=d24  # every stage names it: another d<N> run in the same home must not be picked up
+"${LAUNCH[@]}" -m picochat base-train --dataset "$DATASET" --depth 24 --target-param-data-ratio 8 \
+  --device-batch-size 16 --model-tag "$TAG" --run "$RUN" --overwrite
+"${LAUNCH[@]}" -m picochat base-eval --dataset "$DATASET" --device-batch-size 16 --model-tag "$TAG"
+"${LAUNCH[@]}" -m picochat chat-sft --model-tag "$TAG" --run "$RUN" --overwrite
+"${LAUNCH[@]}" -m picochat chat-eval -i sft -g "$TAG"
+if [ "$WITH_RL" = 1 ]; then
+  "${LAUNCH[@]}" -m picochat chat-rl --model-tag "$TAG" --run "$RUN" --overwrite
+  "${LAUNCH[@]}" -m picochat chat-eval -i rl -g "$TAG" -a GSM8K
+fi
+
+if [ "$NODE_RANK" = 0 ]; then
+  if [ "$WITH_RL" = 1 ]; then picochat report --base-tag "$TAG" --sft-tag "$TAG" --rl-tag "$TAG"
+  else picochat report --base-tag "$TAG" --sft-tag "$TAG"; fi
   python - <<'PY'
 import glob, json, os
 home = os.environ.get("PICOCHAT_HOME") or os.path.expanduser("~/.cache/picochat")
@@ -71,7 +88,7 @@ meta = json.load(open(max(glob.glob(os.path.join(home, "base_checkpoints", "d24"
 clock = meta["loop_state"]["total_training_time"]
 result = json.load(open(os.path.join(home, "base_eval", "d24", f"base_model_{meta['step']:06d}.json")))
 core = result["core"]
-print(f"leaderboard time (base-train steps after the first 10): {clock:,.0f} s = {clock / 3600:.2f} h")
+print(f"leaderboard time (base-train's steps after step 10): {clock:,.0f} s = {clock / 3600:.2f} h")
 if core["core"] is None:
     print(f"{core['metric_name']}: {core['metric']:.4f} (not the full CORE: no leaderboard verdict)")
 else:

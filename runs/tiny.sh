@@ -4,9 +4,9 @@
 # it (a CORE subset), fine-tune it into a chat model, evaluate that (a chat-eval subset), write the
 # report, and ask it something. Everything lands under $PICOCHAT_HOME (~/.cache/picochat).
 #
-# What to expect: a 4-layer model trained for minutes on a few million tokens learns the chat
-# format and babbles fluently-ish; its scores sit at the random baselines. The same recipe at
-# d12/d20/d24 on GPUs is runs/speedrun.sh (the reference's published numbers are in the README).
+# What to expect: a 4-layer model trained for minutes on ~300K tokens learns the chat format and
+# babbles fluently-ish; its scores sit at the random baselines. The GPU recipe is runs/speedrun.sh
+# (d24; the reference's published numbers for d12/d20/d24 are in the README).
 #
 # Knobs (environment):
 #   PICOCHAT_DATASET   a named dataset (fineweb-edu, climbmix) or a folder of parquet files
@@ -67,7 +67,7 @@ stage "chat-eval"
 picochat chat-eval -i sft -g tiny -a "ARC-Easy|MMLU|GSM8K|SpellingBee" -x 50 -b 8 -m 64
 
 stage "report"
-picochat report
+picochat report --base-tag tiny --sft-tag tiny
 
 stage "chat"
 picochat chat-cli -i sft -g tiny -t 0 --max-tokens 48 -p "What is the capital of France?"

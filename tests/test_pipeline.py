@@ -57,15 +57,18 @@ def test_every_stage_in_a_row(home, pretrain_dir, tmp_path):
 
     report.run(report.ReportConfig(copy_to=str(tmp_path / "here")))
     text = (home / "report" / "report.md").read_text()
-    for title in ("Environment", "Tokenizer", "base-train", "### CORE (base-eval)", "chat-sft", "chat-rl",
-                  "Chat evaluation (chat-eval)", "Samples", "Plots"):
-        assert f"## {title}\n" in text or f"{title}\n" in text, title
+    for title in ("## Environment", "## Tokenizer", "## base-train", "### CORE (base-eval)", "## chat-sft",
+                  "## chat-rl", "## Chat evaluation (chat-eval)", "## Samples", "## Plots"):
+        assert f"\n{title}\n" in text, title
+    assert "```\n" in text.split("## Samples")[1]  # a base sample
     assert "not run" not in text.split("## Chat evaluation")[0]  # every stage before it ran
     assert "| task | base (not run) | sft (step 4) | rl (step 2) |" in text
     assert "CORE (partial" in text  # 2 tasks of the bundle, capped: named partial
     for name in ("base_loss.png", "base_val_bpb.png", "base_speed.png", "sft.png", "rl.png"):
         assert f"]({name})" in text and (home / "report" / name).read_bytes().startswith(b"\x89PNG"), name
     assert (tmp_path / "here" / "report.md").exists()
+    for script in ("runs/tiny.sh", "runs/speedrun.sh"):  # the recipes at least parse
+        assert subprocess.run(["bash", "-n", str(REPO / script)]).returncode == 0, script
 
     # as a user runs it: the most trained stage (rl) answers
     done = subprocess.run([sys.executable, "-m", "picochat", "chat-cli", "-p", "Hello!", "--max-tokens", "8",

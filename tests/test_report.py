@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from picochat.common import PicochatError
 from picochat.report import build_report
 from picochat.stages import report as report_stage
 
@@ -82,10 +83,10 @@ def test_the_tables_from_fixed_stage_outputs(home, tmp_path):
     assert "tag `d2`, step 20" in base and "wte 131,072" in base and "lm_head 131,072" in base
     assert "| processes | 8 |" in base
     assert "| time in steps (sum of dt) | 2,000.0 s (0.56 h) |" in base  # 20 x 100 s
-    assert "| training time (leaderboard clock: steps after the first 10) | 1,800.0 s (0.50 h) |" in base
+    assert "| training time (leaderboard clock: the steps after step 10) | 1,800.0 s (0.50 h) |" in base
     assert "| tokens trained | 20,000 |" in base and "| training FLOPs | 2.000e+10 |" in base
     assert "| mean bf16 MFU | 45.00% |" in base
-    assert "| cost estimate | $12.00 (8 GPU(s) at $3/GPU-hour) |" in base  # 0.5 h x 8 x $3
+    assert "| cost estimate (that clock) | $12.00 (8 GPU(s) at $3/GPU-hour, the reference's H100 price) |" in base
     assert "| val bpb (last) | 1.3000 |" in base
     assert "| hellaswag | 0.5000 | 0.3333 | 100 |" in base and "| arc_easy | 0.4000 | 0.2000 | 50 |" in base
     assert "| **CORE (partial: 2 of 22 tasks)** |  | **0.2667** | 150 |" in base  # its partial name kept
@@ -108,6 +109,28 @@ def test_the_tables_from_fixed_stage_outputs(home, tmp_path):
     assert all((out / name).read_bytes().startswith(b"\x89PNG") for name in names)
 
 
+def test_the_plotted_points(home):
+    """An eval at step s and the loss of step s sit at the totals of step s - 1 (0 at s = 0); the
+    eval line logged after the checkpoint's step (a killed run's) is left out."""
+    from picochat.report import find_run, plot_specs
+
+    metrics = home / "base_checkpoints" / "d2" / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + '\n{"step": 30, "val_bpb": 9.9}\n')
+    specs = {name: panels for name, _, panels in plot_specs({"base": find_run("base")})}
+    (_, _, [(_, steps, bpb)]), (_, _, [(_, tokens, _)]), (_, _, [(_, flops, _)]) = specs["base_val_bpb.png"]
+    assert steps == [0, 10, 20] and tokens == [0, 10_000, 20_000] and flops == [0, 1e10, 2e10]
+    assert bpb == pytest.approx([1.5, 1.4, 1.3])
+    (_, _, [(_, steps, _)]), (_, _, [(_, tokens, loss)]), _ = specs["base_loss.png"]
+    assert steps == list(range(20)) and tokens == [1000 * s for s in range(20)] and loss[1] == pytest.approx(4.9)
+
+
+def test_damaged_inputs_do_not_stop_the_report(home, tmp_path):
+    (home / "base_checkpoints" / "d2" / "metrics.jsonl").write_text('[1, 2]\n"text"\n{"no step": 1}\n')
+    (home / "tokenizer" / "tokenizer.pkl").unlink()
+    text = build_report(home, tmp_path, now=NOW)
+    assert "| time in steps (sum of dt) | n/a (no metrics) |" in text and "cannot be read" in text
+
+
 def test_nothing_run_and_no_matplotlib(tmp_path, monkeypatch):
     home = tmp_path / "empty"
     home.mkdir()
@@ -121,7 +144,7 @@ def test_nothing_run_and_no_matplotlib(tmp_path, monkeypatch):
     assert not list(tmp_path.glob("*.png"))
 
 
-def test_the_stage_writes_the_report_and_a_copy(home, tmp_path, capsys):
+def test_the_stage_writes_the_report_and_a_copy(home, tmp_path, capsys, monkeypatch):
     copy = tmp_path / "here"
     report_stage.main(["--copy-to", str(copy)])
     written = home / "report" / "report.md"
@@ -130,3 +153,7 @@ def test_the_stage_writes_the_report_and_a_copy(home, tmp_path, capsys):
     # the copy links the plots where they are: none are copied among the user's files
     assert f"]({(home / 'report' / 'base_loss.png').resolve()})" in text and not list(copy.glob("*.png"))
     assert "report written to" in capsys.readouterr().out
+    monkeypatch.setenv("PICOCHAT_HOME", str(tmp_path / "typo"))
+    with pytest.raises(PicochatError, match="does not exist"):
+        report_stage.run(report_stage.ReportConfig(copy_to=""))
+    assert not (tmp_path / "typo").exists()

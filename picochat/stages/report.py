@@ -4,6 +4,7 @@ in --copy-to (the working directory by default) whose plot links point into that
 image files land among the user's own."""
 
 import argparse
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,9 +22,10 @@ class ReportConfig:
 
 
 def run(c: ReportConfig) -> Path:
+    given = os.environ.get("PICOCHAT_HOME")
+    if given and not Path(given).is_dir():  # a mistyped path: not a report of nothing
+        raise PicochatError(f"PICOCHAT_HOME={given} does not exist: no run to report on")
     home = get_base_dir()
-    if not home.exists():
-        raise PicochatError(f"{home} does not exist: no run to report on (set PICOCHAT_HOME to the run's folder)")
     out_dir = home / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
     for old in out_dir.glob("*.png"):  # plots of a stage that has since gone must not linger

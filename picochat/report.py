@@ -145,16 +145,27 @@ def training_summary(run: StageRun) -> dict:
     return out
 
 
-def latest_result(folder: Path, prefix: str, step: int) -> dict | None:
-    """The results file of this step, preferring the full run's (its name has no suffix)."""
-    if not folder.exists():
+def step_results(folder: Path, prefix: str, run: StageRun) -> dict | None:
+    """What was evaluated on the run's checkpoint: the files of its step written after it (older
+    ones are of an earlier run of the tag, since overwritten), the full run's file first, then the
+    newest. Tasks merge across files, each from the first file that has it; the headline metric is
+    the first file's, under the name it was given."""
+    meta_time = ckpt.meta_path(ckpt.checkpoint_dir(run.stage, run.tag), run.step).stat().st_mtime
+    full = f"{prefix}{run.step:06d}.json"
+    files = [p for p in folder.glob(f"{prefix}{run.step:06d}*.json") if p.stat().st_mtime >= meta_time]
+    if not files:
         return None
-    files = sorted(folder.glob(f"{prefix}{step:06d}*.json"), key=lambda p: (len(p.name), p.name))
-    return json.loads(files[0].read_text()) if files else None
+    files.sort(key=lambda p: (p.name != full, -p.stat().st_mtime))
+    results = [json.loads(p.read_text()) for p in files]
+    merged = {**results[0], "tasks": {}}
+    for result in results:
+        for name, task in result.get("tasks", {}).items():
+            merged["tasks"].setdefault(name, task)
+    return merged
 
 
 def core_lines(home: Path, base: StageRun | None) -> list[str]:
-    result = None if base is None else latest_result(home / "base_eval" / base.tag, "base_model_", base.step)
+    result = None if base is None else step_results(home / "base_eval" / base.tag, "base_model_", base)
     if result is None or "core" not in result:
         return ["base-eval (CORE) not run for this checkpoint."]
     core = result["core"]
@@ -172,7 +183,7 @@ def chat_eval_lines(home: Path, runs: dict) -> list[str]:
     results = {}
     for stage, run in runs.items():
         if run is not None:
-            result = latest_result(home / "chat_eval" / f"{stage}_{run.tag}", "step_", run.step)
+            result = step_results(home / "chat_eval" / f"{stage}_{run.tag}", "step_", run)
             if result is not None:
                 results[stage] = result
     if not results:
@@ -322,7 +333,7 @@ def build_report(home: Path, out_dir: Path, tags: dict | None = None, now: datet
     lines += ["", "## Chat evaluation (chat-eval)", ""] + chat_eval_lines(home, runs)
 
     base = runs["base"]
-    result = None if base is None else latest_result(home / "base_eval" / base.tag, "base_model_", base.step)
+    result = None if base is None else step_results(home / "base_eval" / base.tag, "base_model_", base)
     lines += ["", "## Samples", ""]
     if result and result.get("samples"):
         lines += ["base model, greedy:", "", "```"] + [s.replace("```", "'''") for s in

@@ -4,6 +4,7 @@ matplotlib, the reason why not), and the stage's files."""
 
 import datetime
 import json
+import os
 import sys
 
 import pytest
@@ -57,9 +58,13 @@ def home(tmp_path, small_tokenizer, monkeypatch):
     write_json(home / "chat_eval" / "sft_d2" / "step_000005.json",
                {"step": 5, "tasks": tasks(0.3, 0.05), "metric_name": "ChatCORE (partial: 2 of 5 tasks)",
                 "metric": 0.1})
-    # a capped run of the same step: the full one's numbers are reported
-    write_json(home / "chat_eval" / "sft_d2" / "step_000005_ARC-Easy_max5.json",
-               {"step": 5, "tasks": {"ARC-Easy": {"accuracy": 1.0}}})
+    # a capped run of the same step: the full one's numbers are reported, and a task only it has
+    write_json(home / "chat_eval" / "sft_d2" / "step_000005_ARC-Easy-MMLU_max5.json",
+               {"step": 5, "tasks": {"ARC-Easy": {"accuracy": 1.0}, "MMLU": {"accuracy": 0.2}}})
+    # results older than the checkpoint: an earlier run of the tag, since overwritten
+    stale = home / "chat_eval" / "sft_d2" / "step_000005_HumanEval.json"
+    write_json(stale, {"step": 5, "tasks": {"HumanEval": {"accuracy": 0.9}}})
+    os.utime(stale, (0, 0))
     write_json(home / "chat_eval" / "base_d2" / "step_000020.json", {"step": 20, "tasks": tasks(0.25, 0.0)})
     return home
 
@@ -100,6 +105,7 @@ def test_the_tables_from_fixed_stage_outputs(home, tmp_path):
     chat = section(text, "Chat evaluation (chat-eval)")
     assert "| task | base (step 20) | sft (step 5) | rl (not run) |" in chat
     assert "| ARC-Easy | 0.2500 | 0.3000 | not run |" in chat and "| GSM8K | 0.0000 | 0.0500 | not run |" in chat
+    assert "| MMLU | not run | 0.2000 | not run |" in chat and "HumanEval" not in chat
     assert "| ChatCORE (name as reported) | n/a | ChatCORE (partial: 2 of 5 tasks): 0.1000 | n/a |" in chat
 
     assert "The capital of France is Paris." in section(text, "Samples")

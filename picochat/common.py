@@ -4,7 +4,9 @@ dtype we compute in, torch.distributed setup, and user-facing errors."""
 import contextlib
 import math
 import os
+import platform
 import re
+import subprocess
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
@@ -211,6 +213,28 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return device.type
+
+
+def git_commit() -> str:
+    """picochat's own commit (+dirty for uncommitted changes), where it runs from a git checkout."""
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain"], capture_output=True, text=True,
+                               timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (git not available)"
+    if head.returncode != 0:
+        return "unknown (not a git checkout)"
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def environment(device: torch.device) -> dict:
+    """Where a run ran, for its checkpoint meta (and so the report)."""
+    return {"picochat commit": git_commit(), "python": platform.python_version(), "torch": torch.__version__,
+            "CUDA": torch.version.cuda or "none", "platform": platform.platform(),
+            "device": device_name(device), "CPU cores": os.cpu_count()}
 
 
 

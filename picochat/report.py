@@ -9,9 +9,6 @@ matplotlib (the `report` extra); without it the report says so and has none.
 
 import datetime
 import json
-import os
-import platform
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +16,7 @@ import torch
 
 from picochat import checkpoint as ckpt
 from picochat.common import PicochatError
+from picochat.common import environment as common_environment
 from picochat.gpt import GPT
 
 GPU_HOUR_USD = 3.0  # the reference's cost estimate: an 8xH100 node at about $24/h
@@ -81,27 +79,12 @@ def model_summary(model_config: dict) -> dict | None:
     return {"params": model.num_scaling_params(), "flops_per_token": model.estimate_flops()}
 
 
-def git_commit() -> str:
-    here = Path(__file__).resolve().parent
-    try:
-        out = subprocess.run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=10)
-        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain"], capture_output=True, text=True,
-                               timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return "unknown (git not available)"
-    if out.returncode != 0:
-        return "unknown (not a git checkout)"
-    return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-
-
 def environment() -> dict:
-    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() \
-        else []
-    return {"picochat commit": git_commit(), "python": platform.python_version(), "torch": torch.__version__,
-            "CUDA": torch.version.cuda or "none", "platform": platform.platform(),
-            "CPU": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-            "GPUs": ", ".join(gpus) if gpus else "none"}
+    """The machine writing the report (the training machine's is in the base meta, when saved)."""
+    here = common_environment(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    if torch.cuda.is_available():
+        here["device"] = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+    return here
 
 
 def fmt(value, digits: int = 4) -> str:
@@ -284,7 +267,17 @@ def build_report(home: Path, out_dir: Path, tags: dict | None = None, now: datet
     now = now or datetime.datetime.now(datetime.timezone.utc)
     lines = ["# picochat run report", "", f"Generated {now:%Y-%m-%d %H:%M} UTC from `{home}`.", "",
              "## Environment", ""]
-    lines += table(["", ""], [[k, v] for k, v in environment().items()])
+    trained = runs["base"].meta.get("environment") if runs["base"] is not None else None
+    here = environment()
+    if trained:  # the training machine (base-train's), next to this one
+        keys = list(dict.fromkeys([*trained, *here]))
+        lines += table(["", "base-train ran on", "this report written on"],
+                       [[k, trained.get(k, "n/a"), here.get(k, "n/a")] for k in keys])
+    else:
+        lines += table(["", "this report written on (base-train recorded none)"], [[k, v] for k, v in here.items()])
+    if runs["base"] is not None:
+        lines.append(f"\nbase-train: {runs['base'].meta.get('world_size', 1)} process(es), compute dtype "
+                     f"{runs['base'].meta.get('compute_dtype', 'n/a')}")
 
     lines += ["", "## Tokenizer", ""]
     tok_eval = home / "tok_eval" / "tok_eval.md"

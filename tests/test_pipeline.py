@@ -63,6 +63,7 @@ def test_every_stage_in_a_row(home, pretrain_dir, tmp_path):
     assert "```\n" in text.split("## Samples")[1]  # a base sample
     assert "not run" not in text.split("## Chat evaluation")[0]  # every stage before it ran
     assert "| task | base (not run) | sft (step 4) | rl (step 2) |" in text
+    assert "|  | base-train ran on | this report written on |" in text and "| device | cpu | cpu |" in text
     assert "CORE (partial" in text  # 2 tasks of the bundle, capped: named partial
     for name in ("base_loss.png", "base_val_bpb.png", "base_speed.png", "sft.png", "rl.png"):
         assert f"]({name})" in text and (home / "report" / name).read_bytes().startswith(b"\x89PNG"), name

@@ -51,6 +51,7 @@ from picochat.common import (
     compute_cleanup,
     compute_init,
     device_name,
+    environment,
     get_peak_flops,
     out_of_memory_hint,
     print0,
@@ -319,7 +320,7 @@ def setup(c: TrainConfig, rt):
             "tokenizer": tokenizer.fingerprint(), "device_batch_size": c.device_batch_size,
             "max_seq_len": c.max_seq_len, "total_batch_size": plan.total_batch_size,
             "num_iterations": plan.num_iterations, "world_size": world, "preset": c.preset,
-            "compute_dtype": str(rt.dtype)}
+            "compute_dtype": str(rt.dtype), "environment": environment(device)}
     r = Run(c, rt, tokenizer, get_token_bytes(device), data_dir, model, orig_model, optimizer, scaler, loader, plan,
             accum, flops_per_token, get_peak_flops(device_name(device)), ckpt_dir, core_tasks, meta)
     if resume_step is None:

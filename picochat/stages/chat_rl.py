@@ -42,7 +42,15 @@ import torch.distributed as dist
 
 from picochat import checkpoint as ckpt
 from picochat.cli import HelpFormatter
-from picochat.common import PicochatError, compute_cleanup, compute_init, out_of_memory_hint, print0, synchronize
+from picochat.common import (
+    PicochatError,
+    compute_cleanup,
+    compute_init,
+    environment,
+    out_of_memory_hint,
+    print0,
+    synchronize,
+)
 from picochat.engine import Engine
 from picochat.rl import pass_at_k, policy_gradient_backward, rollout
 from picochat.tasks.common import Task
@@ -225,7 +233,8 @@ def setup(c: RLConfig, rt):
     cursor = ExampleCursor(len(train_task), rt.rank, rt.world_size)
     meta = {"model_config": dataclasses.asdict(model.config), "user_config": dataclasses.asdict(c),
             "tokenizer": tokenizer.fingerprint(), "world_size": rt.world_size, "compute_dtype": str(rt.dtype),
-            "source_checkpoint": {"stage": c.source, "tag": src_dir.name, "step": src_step}, "num_steps": num_steps}
+            "source_checkpoint": {"stage": c.source, "tag": src_dir.name, "step": src_step}, "num_steps": num_steps,
+            "environment": environment(rt.device)}
     r = Run(c, rt, model, Engine(model, tokenizer), optimizer, make_scaler(rt.device, rt.dtype), train_task,
             eval_task, cursor, num_steps, c.examples_per_step // rt.world_size, ckpt_dir, meta)
     print0(f"RL from {c.source} {src_dir.name} step {src_step} -> {ckpt_dir} | task {c.task}: "

@@ -54,6 +54,7 @@ from picochat.common import (
     compute_cleanup,
     compute_init,
     device_name,
+    environment,
     get_peak_flops,
     out_of_memory_hint,
     print0,
@@ -266,7 +267,8 @@ def setup(c: SFTConfig, rt):
     meta = {"val_bpb": None, "model_config": dataclasses.asdict(model.config), "user_config": dataclasses.asdict(c),
             "tokenizer": tokenizer.fingerprint(), "device_batch_size": c.device_batch_size,
             "max_seq_len": c.max_seq_len, "total_batch_size": c.total_batch_size, "world_size": rt.world_size,
-            "compute_dtype": str(rt.dtype), "base_checkpoint": {"tag": base_dir.name, "step": base_step}}
+            "compute_dtype": str(rt.dtype), "base_checkpoint": {"tag": base_dir.name, "step": base_step},
+            "environment": environment(rt.device)}
     r = Run(c, rt, tokenizer, get_token_bytes(rt.device), model, orig_model, optimizer, scaler, loader, val_data,
             chatcore_tasks, accum, orig_model.estimate_flops(), get_peak_flops(device_name(rt.device)), ckpt_dir, meta)
     print0(f"SFT from base {base_dir.name} step {base_step} -> {ckpt_dir} | {len(train_data):,} training "

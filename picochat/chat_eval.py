@@ -123,21 +123,31 @@ def evaluate_categorical(task, model, tokenizer, device, batches, bar) -> int:
     return correct
 
 
-def evaluate_generative(task, tokenizer, engine, batches, num_samples, max_new_tokens, temperature, top_k, bar) -> int:
+SAMPLES_KEPT = 3  # generative answers kept per task (this rank's first problems), for the report
+
+
+def evaluate_generative(task, tokenizer, engine, batches, num_samples, max_new_tokens, temperature, top_k,
+                        bar) -> tuple[int, list[dict]]:
     """Problems of batches (lists of problem indices) that at least one of num_samples completions
-    solves, each batch's problems sampled together (engine.complete)."""
+    solves, each batch's problems sampled together (engine.complete); and the first problems'
+    first completions, {"question", "answer", "correct"}."""
     # At temperature 0 every sample follows the argmax (and the tool is deterministic), so one
     # sample gives the verdict of all of them.
     samples = 1 if temperature == 0 else num_samples
-    correct = 0
+    correct, kept = 0, []
     for batch in batches:
         conversations = [task[i] for i in batch]
         prompts = [tokenizer.render_for_completion(c) for c in conversations]
         outputs = engine.complete(prompts, samples, max_tokens=max_new_tokens, temperature=temperature, top_k=top_k)
         for conversation, prompt, (sequences, _) in zip(conversations, prompts, outputs):
-            correct += any(task.evaluate(conversation, tokenizer.decode(s[len(prompt):])) for s in sequences)
+            answers = [tokenizer.decode(s[len(prompt):]) for s in sequences]
+            verdicts = [bool(task.evaluate(conversation, a)) for a in answers]
+            correct += any(verdicts)
+            if len(kept) < SAMPLES_KEPT:
+                question = next(m["content"] for m in reversed(conversation["messages"]) if m["role"] == "user")
+                kept.append({"question": question, "answer": answers[0], "correct": verdicts[0]})
         bar.update(len(batch))
-    return correct
+    return correct, kept
 
 
 def evaluate_task(task, model, tokenizer, engine, device, batch_size: int = 8, num_samples: int = 1,
@@ -162,11 +172,12 @@ def evaluate_task(task, model, tokenizer, engine, device, batch_size: int = 8, n
     batches = [range(s, min(s + batch_size, num_problems)) for s in starts]
     mine = sum(map(len, batches))
     bar = tqdm(total=mine, desc=label, leave=False, disable=rank != 0)
+    samples = []
     if task.eval_type == "categorical":
         correct = evaluate_categorical(task, model, tokenizer, device, batches, bar)
     elif task.eval_type == "generative":
-        correct = evaluate_generative(task, tokenizer, engine, batches, num_samples, max_new_tokens, temperature,
-                                      top_k, bar)
+        correct, samples = evaluate_generative(task, tokenizer, engine, batches, num_samples, max_new_tokens,
+                                               temperature, top_k, bar)
     else:
         raise PicochatError(f"task {label} has eval_type {task.eval_type!r}, not categorical or generative")
     bar.close()
@@ -175,7 +186,7 @@ def evaluate_task(task, model, tokenizer, engine, device, batch_size: int = 8, n
         dist.all_reduce(counts)
     correct, total = counts.tolist()
     return {"accuracy": correct / total, "correct": correct, "total": total, "seconds": time.time() - t0,
-            "max_problems": max_problems, "task_size": len(task)}
+            "max_problems": max_problems, "task_size": len(task), "samples": samples}
 
 
 def chatcore(results: dict, capped: bool):

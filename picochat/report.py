@@ -332,7 +332,18 @@ def build_report(home: Path, out_dir: Path, tags: dict | None = None, now: datet
         lines += ["base model, greedy:", "", "```"] + [s.replace("```", "'''") for s in
                                                        result["samples"]["conditioned"]] + ["```"]
     else:
-        lines.append("no samples (base-eval with samples not run).")
+        lines.append("no base samples (base-eval with samples not run).")
+    for stage, run in runs.items():
+        if stage == "base" or run is None:
+            continue
+        result = step_results(home / "chat_eval" / f"{stage}_{run.tag}", "step_", run)
+        answers = [(name, a) for name, task in (result or {}).get("tasks", {}).items() for a in task.get("samples", [])]
+        if answers:
+            lines += ["", f"{stage} model, chat-eval answers:", ""]
+            for name, a in answers:
+                question = " ".join(a["question"].split())[:200]
+                answer = " ".join(a["answer"].split())[:300]
+                lines.append(f"- {name} ({'right' if a['correct'] else 'wrong'}): {question!r} → {answer!r}")
 
     lines += ["", "## Plots", ""]
     written, why = draw_plots(plot_specs(runs), out_dir)

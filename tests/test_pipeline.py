@@ -60,7 +60,8 @@ def test_every_stage_in_a_row(home, pretrain_dir, tmp_path):
     for title in ("## Environment", "## Tokenizer", "## base-train", "### CORE (base-eval)", "## chat-sft",
                   "## chat-rl", "## Chat evaluation (chat-eval)", "## Samples", "## Plots"):
         assert f"\n{title}\n" in text, title
-    assert "```\n" in text.split("## Samples")[1]  # a base sample
+    samples = text.split("## Samples")[1]
+    assert "```\n" in samples and "sft model, chat-eval answers:" in samples and "- GSM8K (" in samples
     assert "not run" not in text.split("## Chat evaluation")[0]  # every stage before it ran
     assert "| task | base (not run) | sft (step 4) | rl (step 2) |" in text
     assert "|  | base-train ran on | this report written on |" in text and "| device | cpu | cpu |" in text

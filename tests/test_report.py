@@ -54,7 +54,8 @@ def home(tmp_path, small_tokenizer, monkeypatch):
     checkpoint(home, "sft", "d2", 5, {"world_size": 8, "base_checkpoint": {"tag": "d2", "step": 20},
                                       "loop_state": {"val_bpb": 0.9, "min_val_bpb": 0.9}},
                sft_train + [{"step": 5, "val_bpb": 0.9}])
-    tasks = lambda arc, gsm: {"ARC-Easy": {"accuracy": arc}, "GSM8K": {"accuracy": gsm}}
+    tasks = lambda arc, gsm: {"ARC-Easy": {"accuracy": arc}, "GSM8K": {"accuracy": gsm, "samples": [
+        {"question": "What is  2+2?", "answer": "4\n#### 4", "correct": True}]}}
     write_json(home / "chat_eval" / "sft_d2" / "step_000005.json",
                {"step": 5, "tasks": tasks(0.3, 0.05), "metric_name": "ChatCORE (partial: 2 of 5 tasks)",
                 "metric": 0.1})
@@ -108,7 +109,9 @@ def test_the_tables_from_fixed_stage_outputs(home, tmp_path):
     assert "| MMLU | not run | 0.2000 | not run |" in chat and "HumanEval" not in chat
     assert "| ChatCORE (name as reported) | n/a | ChatCORE (partial: 2 of 5 tasks): 0.1000 | n/a |" in chat
 
-    assert "The capital of France is Paris." in section(text, "Samples")
+    samples = section(text, "Samples")
+    assert "The capital of France is Paris." in samples
+    assert "sft model, chat-eval answers:\n\n- GSM8K (right): 'What is 2+2?' → '4 #### 4'" in samples
     plots = section(text, "Plots")
     names = ["base_loss.png", "base_val_bpb.png", "base_speed.png", "sft.png"]
     assert all(f"]({name})" in plots for name in names) and "rl.png" not in plots

@@ -56,6 +56,18 @@ def group_advantages(rewards: torch.Tensor) -> torch.Tensor:
     return rewards - rewards.mean()
 
 
+def sample_batches(engine, prompt: list[int], n: int, batch_size: int, seed_of, **sampling):
+    """(sequences, masks) of n completions of prompt, generated batch_size at a time, batch b
+    seeded by seed_of(b)."""
+    sequences, masks = [], []
+    for batch in range(math.ceil(n / batch_size)):
+        seqs, ms = engine.generate_batch(prompt, min(batch_size, n - batch * batch_size), seed=seed_of(batch),
+                                         **sampling)
+        sequences += seqs
+        masks += ms
+    return sequences, masks
+
+
 @torch.no_grad()
 def rollout(engine, task, conversation: dict, step: int, example: int, num_samples: int, batch_size: int,
             max_new_tokens: int, temperature: float, top_k: int | None, device) -> Group:
@@ -63,13 +75,8 @@ def rollout(engine, task, conversation: dict, step: int, example: int, num_sampl
     own seed), rewarded by task.reward(conversation, completion text)."""
     tokenizer = engine.tokenizer
     prompt = tokenizer.render_for_completion(conversation)
-    sequences, masks = [], []
-    for batch in range(math.ceil(num_samples / batch_size)):
-        n = min(batch_size, num_samples - batch * batch_size)
-        seqs, ms = engine.generate_batch(prompt, n, max_tokens=max_new_tokens, temperature=temperature,
-                                         top_k=top_k, seed=sample_seed(step, example, batch))
-        sequences += seqs
-        masks += ms
+    sequences, masks = sample_batches(engine, prompt, num_samples, batch_size, lambda b: sample_seed(step, example, b),
+                                      max_tokens=max_new_tokens, temperature=temperature, top_k=top_k)
     rewards = torch.tensor([task.reward(conversation, tokenizer.decode(s[len(prompt):])) for s in sequences],
                            dtype=torch.float32)
     # padding is <|assistant_end|>, as the reference pads; its mask 0 keeps it out of the loss
@@ -108,12 +115,9 @@ def pass_at_k(engine, task, indices, k: int, batch_size: int, max_new_tokens: in
     for i in indices:
         conversation = task[i]
         prompt = tokenizer.render_for_completion(conversation)
-        correct = []
-        for batch in range(math.ceil(k / batch_size)):
-            n = min(batch_size, k - batch * batch_size)
-            seqs, _ = engine.generate_batch(prompt, n, max_tokens=max_new_tokens, temperature=temperature,
-                                            top_k=top_k, seed=sample_seed(-1, i, batch))
-            correct += [task.reward(conversation, tokenizer.decode(s[len(prompt):])) > 0 for s in seqs]
+        seqs, _ = sample_batches(engine, prompt, k, batch_size, lambda b, i=i: sample_seed(-1, i, b),
+                                 max_tokens=max_new_tokens, temperature=temperature, top_k=top_k)
+        correct = [task.reward(conversation, tokenizer.decode(s[len(prompt):])) > 0 for s in seqs]
         first = next((j for j, ok in enumerate(correct) if ok), None)
         if first is not None:
             solved[first:] += 1

@@ -207,6 +207,14 @@ def restore_training_state(rank_state: dict, meta: dict, optimizer, loader, scal
 # Which checkpoint to resume, and whether it may be resumed
 
 
+def check_resume_flags(resume: bool, resume_from_step: int, overwrite: bool):
+    """--resume, --resume-from-step and --overwrite contradict each other in pairs."""
+    if resume and resume_from_step >= 0:
+        raise PicochatError("pass either --resume (the latest checkpoint) or --resume-from-step, not both")
+    if overwrite and (resume or resume_from_step >= 0):
+        raise PicochatError("--overwrite starts over and --resume continues: pass one of them")
+
+
 def pick_resume_step(ckpt_dir: Path, resume: bool, resume_from_step: int, overwrite: bool) -> int | None:
     """The step to resume from, or None to start fresh (after removing the tag's checkpoints only
     when --overwrite says so: forgetting --resume after a crash must not wipe the run)."""

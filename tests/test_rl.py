@@ -129,7 +129,8 @@ class Scripted:
         problem = prompt[0]
         done = sum(len(c) for p, c, _ in self.calls if p == problem)
         self.calls.append((problem, [None] * n, seed))
-        return [prompt + [int(ok)] for ok in self.right[problem][done:done + n]], None
+        sequences = [prompt + [int(ok)] for ok in self.right[problem][done:done + n]]
+        return sequences, [[0, 1]] * len(sequences)
 
 
 class Answers:

@@ -71,6 +71,7 @@ from picochat.training import (
     apply_schedules,
     backward,
     check_resumable,
+    check_resume_flags,
     find_resume_step,
     format_mfu,
     grad_accum_steps,
@@ -211,10 +212,7 @@ FREE_FLAGS = {"run", "device_type", "compile", "resume", "resume_from_step", "ov
 
 
 def check_config(c: TrainConfig):
-    if c.resume and c.resume_from_step >= 0:
-        raise PicochatError("pass either --resume (the latest checkpoint) or --resume-from-step, not both")
-    if c.overwrite and (c.resume or c.resume_from_step >= 0):
-        raise PicochatError("--overwrite starts over and --resume continues: pass one of them")
+    check_resume_flags(c.resume, c.resume_from_step, c.overwrite)
     if c.compile not in ("auto", "on", "off"):
         raise PicochatError(f"--compile must be auto, on or off (got {c.compile!r})")
     for name in ("depth", "aspect_ratio", "head_dim", "max_seq_len", "device_batch_size", "core_batch_tokens"):

@@ -58,6 +58,7 @@ from picochat.training import (
     LoopState,
     MetricsLog,
     check_resumable,
+    check_resume_flags,
     find_resume_step,
     init_wandb,
     make_scaler,
@@ -152,10 +153,7 @@ class ExampleCursor:
 
 
 def check_config(c: RLConfig, world_size: int):
-    if c.resume and c.resume_from_step >= 0:
-        raise PicochatError("pass either --resume (the latest checkpoint) or --resume-from-step, not both")
-    if c.overwrite and (c.resume or c.resume_from_step >= 0):
-        raise PicochatError("--overwrite starts over and --resume continues: pass one of them")
+    check_resume_flags(c.resume, c.resume_from_step, c.overwrite)
     if c.source not in ckpt.SOURCES:
         raise PicochatError(f"-i/--source must be one of {', '.join(ckpt.SOURCES)} (got {c.source!r})")
     for name in ("device_batch_size", "examples_per_step", "num_samples", "max_new_tokens", "num_epochs",

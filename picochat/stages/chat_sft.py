@@ -74,6 +74,7 @@ from picochat.training import (
     LoopState,
     MetricsLog,
     check_resumable,
+    check_resume_flags,
     find_resume_step,
     format_mfu,
     grad_accum_steps,
@@ -177,10 +178,7 @@ def muon_momentum(step: int) -> float:
 
 
 def check_config(c: SFTConfig):
-    if c.resume and c.resume_from_step >= 0:
-        raise PicochatError("pass either --resume (the latest checkpoint) or --resume-from-step, not both")
-    if c.overwrite and (c.resume or c.resume_from_step >= 0):
-        raise PicochatError("--overwrite starts over and --resume continues: pass one of them")
+    check_resume_flags(c.resume, c.resume_from_step, c.overwrite)
     if c.compile not in ("auto", "on", "off"):
         raise PicochatError(f"--compile must be auto, on or off (got {c.compile!r})")
     if not 0 <= c.warmup_ratio <= 1 or not 0 < c.warmdown_ratio <= 1 or c.warmup_ratio + c.warmdown_ratio > 1:

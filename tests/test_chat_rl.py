@@ -185,31 +185,23 @@ def test_gsm8k_and_spelling_through_a_mirror(home, tmp_path, monkeypatch):
     assert [r["eval_problems"] for r in records if "pass@1" in r] == [2, 2]
 
 
-def test_errors(home, capsys):
+@pytest.mark.parametrize("overrides, says", [
+    ({"task": "nosuchmodule:Task"}, "cannot import"),
+    ({"task": "gsm9k"}, "gsm8k, spelling, or module:Class"),
+    ({"task": "rl_toy:TARGET"}, "not a picochat.tasks.common.Task"),
+    ({"examples_per_step": 64}, "fewer than --examples-per-step 64"),
+    ({"source": "sft"}, "sft"),
+    ({"task": "picochat.tasks.humaneval:HumanEval"}, "HumanEval(split='train')"),
+    ({"num_samples": 6, "device_batch_size": 4}, "multiple of --device-batch-size 4"),
+    ({"eval_examples": 0}, "--eval-examples"),
+])
+def test_bad_settings_are_one_line_errors(home, overrides, says):
     with pytest.raises(PicochatError) as e:
-        run(config(task="nosuchmodule:Task"))
-    assert "cannot import" in one_line(e)
-    with pytest.raises(PicochatError) as e:
-        run(config(task="gsm9k"))
-    assert "gsm8k, spelling, or module:Class" in one_line(e)
-    with pytest.raises(PicochatError) as e:
-        run(config(task="rl_toy:TARGET"))
-    assert "not a picochat.tasks.common.Task" in one_line(e)
-    with pytest.raises(PicochatError) as e:
-        run(config(examples_per_step=64))
-    assert "fewer than --examples-per-step 64" in one_line(e)
-    with pytest.raises(PicochatError) as e:
-        run(config(source="sft"))
-    assert "sft" in one_line(e)
-    with pytest.raises(PicochatError) as e:
-        run(config(task="picochat.tasks.humaneval:HumanEval"))
-    assert "HumanEval(split='train')" in one_line(e)
-    with pytest.raises(PicochatError) as e:
-        run(config(num_samples=6, device_batch_size=4))
-    assert "multiple of --device-batch-size 4" in one_line(e)
-    with pytest.raises(PicochatError) as e:
-        run(config(eval_examples=0))
-    assert "--eval-examples" in one_line(e)
+        run(config(**overrides))
+    assert says in one_line(e)
+
+
+def test_tags_with_checkpoints_are_kept(home):
     run(config(num_iterations=1))
     with pytest.raises(PicochatError) as e:
         run(config(num_iterations=1))

@@ -20,6 +20,7 @@ from picochat.common import environment as common_environment
 from picochat.gpt import GPT
 
 GPU_HOUR_USD = 3.0  # the reference's cost estimate: an 8xH100 node at about $24/h
+GPT2_CORE = 0.256525  # the leaderboard's bar: GPT-2 (1.5B)'s CORE
 STAGES = {"base": "base-train", "sft": "chat-sft", "rl": "chat-rl"}
 
 
@@ -104,7 +105,7 @@ def seconds(value: float | None) -> str:
     return "n/a" if value is None else f"{value:,.1f} s ({value / 3600:.2f} h)"
 
 
-def training_summary(run: StageRun) -> dict:
+def training_summary(run: StageRun, gpu_hour_usd: float = GPU_HOUR_USD) -> dict:
     """What a training run's checkpoint and metrics say about its time and size, as printed."""
     steps = training_records(run)
     loop = run.meta.get("loop_state", {})
@@ -119,8 +120,9 @@ def training_summary(run: StageRun) -> dict:
         mfus = [r["bf16_mfu"] for r in steps if r.get("bf16_mfu") is not None]
         out["mean bf16 MFU"] = f"{sum(mfus) / len(mfus):.2f}%" if mfus else "n/a (no known peak FLOP/s: a CPU?)"
         # a GPU-hour price: meaningless where the peak, and so the device, is unknown
-        out["cost estimate (that clock)"] = (f"${clock / 3600 * world * GPU_HOUR_USD:,.2f} ({world} GPU(s) at "
-                                             f"${GPU_HOUR_USD:.0f}/GPU-hour, the reference's H100 price)"
+        price = "the reference's H100 price" if gpu_hour_usd == GPU_HOUR_USD else "as given"
+        out["cost estimate (that clock)"] = (f"${clock / 3600 * world * gpu_hour_usd:,.2f} ({world} GPU(s) at "
+                                             f"${gpu_hour_usd:g}/GPU-hour, {price})"
                                              if mfus and clock is not None else "n/a")
     if run.stage in ("base", "sft"):  # SFT's is over its own validation mixture's assistant tokens
         out["val bpb (last)"] = fmt(loop.get("val_bpb"))
@@ -159,6 +161,23 @@ def core_lines(home: Path, base: StageRun | None) -> list[str]:
         lines += ["", f"bits per byte: train {fmt(result['bpb'].get('train'))}, val {fmt(result['bpb'].get('val'))} "
                       f"({fmt(result['bpb'].get('split_tokens'))} tokens per split)"]
     return lines
+
+
+def leaderboard(home: Path, base: StageRun | None) -> str:
+    """The speedrun's verdict: the leaderboard clock and whether the full CORE beat GPT-2's. A partial
+    or capped CORE gets no verdict: it is not the number the bar refers to."""
+    if base is None:
+        return "leaderboard: no base-train run."
+    clock = base.meta.get("loop_state", {}).get("total_training_time")
+    line = f"leaderboard time (base-train's steps after step 10): {seconds(clock)}"
+    result = step_results(home / "base_eval" / base.tag, "base_model_", base)
+    core = (result or {}).get("core")
+    if core is None:
+        return line + "; base-eval (CORE) not run: no verdict."
+    if core.get("core") is None:
+        return line + f"; {core['metric_name']}: {fmt(core['metric'])}, not the full CORE: no verdict."
+    verdict = "beats" if core["core"] > GPT2_CORE else "does not beat"
+    return line + f"; CORE {fmt(core['core'])}, which {verdict} GPT-2's {GPT2_CORE}."
 
 
 def chat_eval_lines(home: Path, runs: dict) -> list[str]:
@@ -260,7 +279,8 @@ def draw_plots(specs, out_dir: Path) -> tuple[list[tuple[str, str]], str | None]
 # The report
 
 
-def build_report(home: Path, out_dir: Path, tags: dict | None = None, now: datetime.datetime | None = None) -> str:
+def build_report(home: Path, out_dir: Path, tags: dict | None = None, now: datetime.datetime | None = None,
+                 gpu_hour_usd: float = GPU_HOUR_USD) -> str:
     """The markdown text; plots go into out_dir, next to where the text will be written."""
     tags = tags or {}
     runs = {stage: find_run(stage, tags.get(stage)) for stage in STAGES}
@@ -313,9 +333,9 @@ def build_report(home: Path, out_dir: Path, tags: dict | None = None, now: datet
         elif "source_checkpoint" in run.meta or "base_checkpoint" in run.meta:
             src = run.meta.get("source_checkpoint") or {"stage": "base", **run.meta["base_checkpoint"]}
             lines += ["", f"from {src['stage']} `{src['tag']}` step {src['step']:,}"]
-        lines += [""] + table(["", ""], [[k, v] for k, v in training_summary(run).items()])
+        lines += [""] + table(["", ""], [[k, v] for k, v in training_summary(run, gpu_hour_usd).items()])
         if stage == "base":
-            lines += ["", "### CORE (base-eval)", ""] + core_lines(home, run)
+            lines += ["", "### CORE (base-eval)", ""] + core_lines(home, run) + ["", leaderboard(home, run)]
         last = training_records(run)[-1:] or [{}]
         if stage == "rl" and "reward" in last[0]:
             evals = eval_records(run, "pass@1")

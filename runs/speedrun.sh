@@ -81,18 +81,4 @@ fi
 if [ "$NODE_RANK" = 0 ]; then
   if [ "$WITH_RL" = 1 ]; then picochat report --base-tag "$TAG" --sft-tag "$TAG" --rl-tag "$TAG"
   else picochat report --base-tag "$TAG" --sft-tag "$TAG"; fi
-  python - <<'PY'
-import glob, json, os
-home = os.environ.get("PICOCHAT_HOME") or os.path.expanduser("~/.cache/picochat")
-meta = json.load(open(max(glob.glob(os.path.join(home, "base_checkpoints", "d24", "meta_*.json")))))
-clock = meta["loop_state"]["total_training_time"]
-result = json.load(open(os.path.join(home, "base_eval", "d24", f"base_model_{meta['step']:06d}.json")))
-core = result["core"]
-print(f"leaderboard time (base-train's steps after step 10): {clock:,.0f} s = {clock / 3600:.2f} h")
-if core["core"] is None:
-    print(f"{core['metric_name']}: {core['metric']:.4f} (not the full CORE: no leaderboard verdict)")
-else:
-    verdict = "beats" if core["core"] > 0.256525 else "does not beat"
-    print(f"CORE: {core['core']:.4f}, which {verdict} GPT-2's 0.256525")
-PY
 fi

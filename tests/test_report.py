@@ -166,3 +166,33 @@ def test_the_stage_writes_the_report_and_a_copy(home, tmp_path, capsys, monkeypa
     with pytest.raises(PicochatError, match="does not exist"):
         report_stage.run(report_stage.ReportConfig(copy_to=""))
     assert not (tmp_path / "typo").exists()
+
+
+@pytest.mark.parametrize("core, verdict", [
+    (None, "; CORE (partial: 2 of 22 tasks): 0.2667, not the full CORE: no verdict."),
+    (0.2566, "; CORE 0.2566, which beats GPT-2's 0.256525."),
+    (0.2565, "; CORE 0.2565, which does not beat GPT-2's 0.256525."),
+    ("no eval", "; base-eval (CORE) not run: no verdict."),
+])
+def test_the_leaderboard_verdict(home, core, verdict):
+    from picochat.report import find_run, leaderboard
+
+    path = home / "base_eval" / "d2" / "base_model_000020.json"
+    if core == "no eval":
+        path.unlink()
+    elif core is not None:
+        result = json.loads(path.read_text())
+        result["core"].update(core=core, metric=core, metric_name="CORE")
+        path.write_text(json.dumps(result))
+    line = leaderboard(home, find_run("base"))
+    assert line == "leaderboard time (base-train's steps after step 10): 1,800.0 s (0.50 h)" + verdict
+    assert leaderboard(home, None) == "leaderboard: no base-train run."
+
+
+def test_the_price_is_a_flag(home, tmp_path, capsys):
+    report_stage.main(["--copy-to", "", "--gpu-hour-usd", "2.5"])
+    text = (home / "report" / "report.md").read_text()
+    assert "| cost estimate (that clock) | $10.00 (8 GPU(s) at $2.5/GPU-hour, as given) |" in text  # 0.5 h x 8 x 2.5
+    assert "no verdict" in capsys.readouterr().out.splitlines()[-1]
+    with pytest.raises(PicochatError, match="gpu-hour-usd"):
+        report_stage.main(["--copy-to", "", "--gpu-hour-usd", "-1"])

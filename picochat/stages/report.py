@@ -10,7 +10,7 @@ from pathlib import Path
 
 from picochat.cli import HelpFormatter
 from picochat.common import PicochatError, get_base_dir
-from picochat.report import build_report
+from picochat.report import GPU_HOUR_USD, build_report, find_run, leaderboard
 
 
 @dataclass
@@ -19,6 +19,7 @@ class ReportConfig:
     sft_tag: str | None = None
     rl_tag: str | None = None
     copy_to: str = "."  # "" = no copy
+    gpu_hour_usd: float = GPU_HOUR_USD
 
 
 def run(c: ReportConfig) -> Path:
@@ -30,7 +31,9 @@ def run(c: ReportConfig) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     for old in out_dir.glob("*.png"):  # plots of a stage that has since gone must not linger
         old.unlink()
-    text = build_report(home, out_dir, {"base": c.base_tag, "sft": c.sft_tag, "rl": c.rl_tag})
+    if c.gpu_hour_usd < 0:
+        raise PicochatError(f"--gpu-hour-usd must be >= 0, got {c.gpu_hour_usd}")
+    text = build_report(home, out_dir, {"base": c.base_tag, "sft": c.sft_tag, "rl": c.rl_tag}, None, c.gpu_hour_usd)
     path = out_dir / "report.md"
     path.write_text(text)
     print(f"report written to {path}")
@@ -42,6 +45,7 @@ def run(c: ReportConfig) -> Path:
                 text = text.replace(f"]({plot.name})", f"]({plot.resolve()})")
             (dest / "report.md").write_text(text)
             print(f"copied to {dest / 'report.md'}")
+    print(leaderboard(home, find_run("base", c.base_tag)))
     return path
 
 
@@ -53,7 +57,10 @@ def main(argv=None):
     p.add_argument("--base-tag", default=d.base_tag, help="base-train tag to report (if not given: the latest)")
     p.add_argument("--sft-tag", default=d.sft_tag, help="chat-sft tag (if not given: the latest)")
     p.add_argument("--rl-tag", default=d.rl_tag, help="chat-rl tag (if not given: the latest)")
-    p.add_argument("--copy-to", default=d.copy_to, help="folder for a copy of the report and its plots ('' = none)")
+    p.add_argument("--copy-to", default=d.copy_to, help="folder for a copy of the report, its plot links pointing into "
+                   "$PICOCHAT_HOME/report ('' = none)")
+    p.add_argument("--gpu-hour-usd", type=float, default=d.gpu_hour_usd,
+                   help="price of one GPU-hour for the cost estimate (the default is the reference's H100 figure)")
     run(ReportConfig(**vars(p.parse_args(argv))))
 
 

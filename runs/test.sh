@@ -6,8 +6,9 @@ cd "$(dirname "$0")/.."
 python3 -m venv .venv
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
-# Pin the CPU wheel first: an unpinned torch would pull a multi-GB CUDA build.
-python -m pip install -q torch==2.13.0
+# PyPI's Linux torch is the CUDA build (GBs of libraries); PICOCHAT_TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# takes the small CPU-only build instead on a machine without a GPU.
+python -m pip install -q torch==2.13.0 ${PICOCHAT_TORCH_INDEX:+--index-url "$PICOCHAT_TORCH_INDEX"}
 python -m pip install -q -e '.[dev]'
 # The chat page's browser test drives a real headless Chromium (Debian's packages); it skips, and
 # says why, only where they cannot be installed.

@@ -23,7 +23,9 @@ stage() { echo; echo "=== [$(( $(date +%s) - start )) s] $*"; }
 python3 -m venv .venv
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
-python -m pip install -q torch==2.13.0  # CPU wheel where one is provided, the standard build elsewhere
+# PyPI's Linux torch is the CUDA build (GBs of libraries); PICOCHAT_TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# takes the small CPU-only build instead on a machine without a GPU.
+python -m pip install -q torch==2.13.0 ${PICOCHAT_TORCH_INDEX:+--index-url "$PICOCHAT_TORCH_INDEX"}
 python -m pip install -q -e '.[report]'
 
 DATASET=${PICOCHAT_DATASET:-fineweb-edu}

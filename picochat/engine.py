@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from picochat.checkpoint import load_model
+from picochat.checkpoint import SOURCES, load_model, pick_source, resolve_checkpoint
 from picochat.common import PicochatError
+from picochat.export import folder_step, load_folder
 from picochat.sandbox import run_python
 
 
@@ -228,9 +229,34 @@ class Engine:
         return [(sequences[i:i + n], masks[i:i + n]) for i in range(0, len(sequences), n)]
 
 
+MODEL_SOURCES = (*SOURCES, "hf")  # the chat stages' -i: a checkpoint stage, or an exported folder (--path)
+
+
+def resolve_model(source: str | None, model_tag: str | None, step: int | None, path: str | None):
+    """(source, tag, step) of the model a chat stage was pointed at: a checkpoint (source None: the
+    most trained stage; latest tag and last step unless given), or with -i hf the folder at path,
+    known by its name and the step it was exported from."""
+    if source == "hf":
+        if path is None:
+            raise PicochatError("-i hf needs --path, a folder written by `picochat export`")
+        if model_tag is not None or step is not None:
+            raise PicochatError("-g/--model-tag and -s/--step pick a checkpoint in $PICOCHAT_HOME; with -i hf, "
+                                "--path is the model")
+        tag, step = folder_step(path)
+        return source, tag, step
+    if path is not None:
+        raise PicochatError("--path loads a folder written by `picochat export`: give it with -i hf")
+    source = pick_source(source)
+    ckpt_dir, step = resolve_checkpoint(source, model_tag, step)
+    return source, ckpt_dir.name, step
+
+
 def load_engine(source: str, device, dtype, model_tag: str | None = None, step: int | None = None,
-                **engine_kwargs) -> tuple[Engine, dict]:
-    """An Engine on a saved checkpoint (latest tag and step unless given), with its weights in
-    the compute dtype, and the checkpoint's meta."""
-    model, tokenizer, meta = load_model(source, device, dtype, model_tag=model_tag, step=step)
+                path: str | None = None, **engine_kwargs) -> tuple[Engine, dict]:
+    """An Engine on a saved checkpoint (latest tag and step unless given), or on the exported folder
+    at path when source is "hf", with its weights in the compute dtype, and the model's meta."""
+    if source == "hf":
+        model, tokenizer, meta = load_folder(path, device, dtype)
+    else:
+        model, tokenizer, meta = load_model(source, device, dtype, model_tag=model_tag, step=step)
     return Engine(model.cast_for_inference(), tokenizer, **engine_kwargs), meta

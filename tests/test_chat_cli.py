@@ -79,7 +79,7 @@ def test_interactive_under_a_terminal(base_home):
         os.execve(sys.executable, [sys.executable, "-m", "picochat", "chat-cli", "-t", "0", "--max-tokens", "12",
                                    "--device-type", "cpu"], env_for(base_home))
     try:
-        assert "model: base checkpoint, step 40" in read_until(fd, "User: ")
+        assert "model: base checkpoint d2, step 40" in read_until(fd, "User: ")
         os.write(fd, b"The river\n")
         shown = read_until(fd, "User: ")
         answer = shown.split("Assistant: ", 1)[1].rsplit("User: ", 1)[0].strip()

@@ -42,8 +42,8 @@ def test_help_shows_defaults_and_preset_values(capsys):
 def test_cli_dispatch():
     out = subprocess.run([sys.executable, "-m", "picochat"], capture_output=True, text=True)
     assert out.returncode == 2 and all(name in out.stdout for name in cli.STAGES)
-    out = subprocess.run([sys.executable, "-m", "picochat", "export"], capture_output=True, text=True)
-    assert out.returncode == 2 and "'export' is not available yet" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "picochat", "exprot"], capture_output=True, text=True)
+    assert out.returncode == 2 and "'exprot' is not a stage" in out.stderr
     out = subprocess.run([sys.executable, "-m", "picochat", "tok-eval", "--no-such-flag"], capture_output=True,
                          text=True)
     assert out.returncode == 2 and "unrecognized arguments: --no-such-flag" in out.stderr

@@ -4,24 +4,24 @@ Interactive by default: type a message, read the answer; `clear` starts a new co
 `quit` or `exit` (or Ctrl-D) leaves. Ctrl-C during an answer stops that answer only.
 `-p "prompt"` answers one prompt and exits, reading nothing from stdin (for scripts).
 The model is the latest checkpoint of the most trained stage (rl, then sft, then base) unless
--i/-g/-s say otherwise.
+-i/-g/-s say otherwise, or a folder written by `picochat export` (-i hf --path DIR).
 """
 
 import argparse
 import sys
 from dataclasses import dataclass
 
-from picochat import checkpoint
 from picochat.cli import HelpFormatter
 from picochat.common import PicochatError, compute_init
-from picochat.engine import load_engine
+from picochat.engine import MODEL_SOURCES, load_engine, resolve_model
 
 
 @dataclass
 class ChatCliConfig:
-    source: str | None = None  # base, sft or rl (None: the most trained stage with a checkpoint)
+    source: str | None = None  # base, sft, rl or hf (None: the most trained stage with a checkpoint)
     model_tag: str | None = None  # None: the largest d<N> tag, else the newest
     step: int | None = None  # None: the last complete checkpoint
+    path: str | None = None  # with source hf: the exported folder
     prompt: str = ""  # one-shot mode: answer this and exit
     temperature: float = 0.6
     top_k: int = 50
@@ -104,14 +104,15 @@ def interactive(chat: Chat):
 def run(config: ChatCliConfig):
     if config.temperature < 0 or config.top_k < 0 or config.max_tokens <= 0:
         raise PicochatError("--temperature and --top-k must be >= 0 and --max-tokens > 0")
-    source = checkpoint.pick_source(config.source)
+    source, tag, step = resolve_model(config.source, config.model_tag, config.step, config.path)
     rt = compute_init(config.device_type)
-    engine, meta = load_engine(source, rt.device, rt.dtype, config.model_tag, config.step)
+    engine, _ = load_engine(source, rt.device, rt.dtype, tag, step, config.path)
     chat = Chat(engine, config)
     if config.prompt:
         chat.reply(config.prompt)
         return
-    print(f"model: {source} checkpoint, step {meta['step']} ({rt.device}, {rt.dtype})")
+    what = f"exported folder {config.path}" if source == "hf" else f"{source} checkpoint {tag}"
+    print(f"model: {what}, step {step} ({rt.device}, {rt.dtype})")
     interactive(chat)
 
 
@@ -119,11 +120,13 @@ def main(argv=None):
     d = ChatCliConfig()
     p = argparse.ArgumentParser(prog="picochat chat-cli", formatter_class=HelpFormatter,
                                 description="Chat with a model in the terminal (answers are streamed).")
-    p.add_argument("-i", "--source", default=d.source, choices=checkpoint.SOURCES,
-                   help="checkpoint stage: base, sft or rl (if not given: the most trained one there is)")
+    p.add_argument("-i", "--source", default=d.source, choices=MODEL_SOURCES,
+                   help="checkpoint stage: base, sft or rl (if not given: the most trained one there is), or hf: "
+                        "a folder written by picochat export, given by --path")
     p.add_argument("-g", "--model-tag", default=d.model_tag,
                    help="checkpoint tag, e.g. d20 (if not given: the largest d<N> tag, else the newest)")
     p.add_argument("-s", "--step", type=int, default=d.step, help="checkpoint step (if not given: the last)")
+    p.add_argument("--path", default=d.path, help="with -i hf: the exported model folder")
     p.add_argument("-p", "--prompt", default=d.prompt, help="answer this one prompt, print it and exit")
     p.add_argument("-t", "--temperature", type=float, default=d.temperature, help="sampling temperature (0 = greedy)")
     p.add_argument("-k", "--top-k", type=int, default=d.top_k, help="sample from the k likeliest tokens (0 = all)")

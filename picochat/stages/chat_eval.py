@@ -2,7 +2,8 @@
 and SpellingBee (or the tasks -a names), then ChatCORE over the first five (see chat_eval).
 
 The model is the latest checkpoint of the most trained stage (rl, then sft, then base) unless
--i/-g/-s say otherwise; a base model can be evaluated too. -x caps the problems per task for quick
+-i/-g/-s say otherwise; a base model can be evaluated too, and a folder written by `picochat export`
+(-i hf --path DIR, results under chat_eval/hf_<folder name>/). -x caps the problems per task for quick
 runs, which makes the ChatCORE partial (and named so). Prints a table of the tasks and writes
 $PICOCHAT_HOME/chat_eval/<source>_<model-tag>/step_<step:06d>.json, or, for a subset of the tasks
 or capped problems, step_<step:06d>_<tasks>_max<N>.json (a later run of the same kind on the same
@@ -14,16 +15,16 @@ import json
 import os
 from dataclasses import asdict, dataclass
 
-from picochat import checkpoint
 from picochat.chat_eval import CHATCORE_TASKS, TASKS, build_task, centered, chatcore, evaluate_task, format_table
 from picochat.cli import HelpFormatter
 from picochat.common import PicochatError, compute_cleanup, compute_init, get_base_dir, out_of_memory_hint, print0
-from picochat.engine import load_engine
+from picochat.engine import MODEL_SOURCES, load_engine, resolve_model
 
 
 @dataclass
 class ChatEvalConfig:
-    source: str | None = None  # base, sft or rl (None: the most trained stage with a checkpoint)
+    source: str | None = None  # base, sft, rl or hf (None: the most trained stage with a checkpoint)
+    path: str | None = None  # with source hf: the exported folder
     task_name: str = ""  # "|"-separated names of chat_eval.TASKS ("" = all)
     temperature: float = 0.0
     max_new_tokens: int = 512
@@ -67,13 +68,11 @@ def run(c: ChatEvalConfig) -> dict:
     """Evaluate one checkpoint; returns the record written to the JSON file."""
     check_config(c)
     names = task_names(c)
-    source = checkpoint.pick_source(c.source)
-    ckpt_dir, step = checkpoint.resolve_checkpoint(source, c.model_tag, c.step)
-    tag = ckpt_dir.name
+    source, tag, step = resolve_model(c.source, c.model_tag, c.step, c.path)
     tasks = {name: build_task(name) for name in names}  # a task whose data cannot be had fails before any work
     rt = compute_init(c.device_type)
     try:
-        engine, meta = load_engine(source, rt.device, rt.dtype, tag, step)
+        engine, meta = load_engine(source, rt.device, rt.dtype, tag, step, c.path)
         print0(f"evaluating {source} model {tag} step {step} on {rt.device} ({rt.dtype})")
         results = {}
         for name, task in tasks.items():
@@ -110,8 +109,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="picochat chat-eval", formatter_class=HelpFormatter,
                                 description="Evaluate a chat model: ARC, MMLU, GSM8K, HumanEval, SpellingBee and "
                                             "ChatCORE. Results go to $PICOCHAT_HOME/chat_eval/<source>_<model-tag>/.")
-    p.add_argument("-i", "--source", default=d.source, choices=checkpoint.SOURCES,
-                   help="checkpoint stage: base, sft or rl (if not given: the most trained one there is)")
+    p.add_argument("-i", "--source", default=d.source, choices=MODEL_SOURCES,
+                   help="checkpoint stage: base, sft or rl (if not given: the most trained one there is), or hf: "
+                        "a folder written by picochat export, given by --path")
+    p.add_argument("--path", default=d.path, help="with -i hf: the exported model folder")
     p.add_argument("-a", "--task-name", default=d.task_name,
                    help=f"tasks separated by '|', from {'|'.join(TASKS)}; fewer than the ChatCORE five give a "
                         "partial ChatCORE (if not given: all)")

@@ -32,10 +32,10 @@ from pathlib import Path
 
 import torch
 
-from picochat import checkpoint, serve
+from picochat import serve
 from picochat.cli import HelpFormatter
 from picochat.common import PicochatError, compute_init
-from picochat.engine import load_engine
+from picochat.engine import MODEL_SOURCES, load_engine, resolve_model
 from picochat.serve import ApiError, Limits, Row, Worker, WorkerPool
 
 PAGE = Path(__file__).resolve().parent.parent / "web" / "ui.html"
@@ -43,9 +43,10 @@ PAGE = Path(__file__).resolve().parent.parent / "web" / "ui.html"
 
 @dataclass
 class ChatWebConfig:
-    source: str | None = None  # base, sft or rl (None: the most trained stage with a checkpoint)
+    source: str | None = None  # base, sft, rl or hf (None: the most trained stage with a checkpoint)
     model_tag: str | None = None
     step: int | None = None
+    path: str | None = None  # with source hf: the exported folder
     num_workers: int = 1  # GPUs, one model each
     temperature: float = 0.8  # defaults for requests that do not say
     top_k: int = 50
@@ -81,8 +82,7 @@ class Server:
 
 
 def load_workers(c: ChatWebConfig):
-    source = checkpoint.pick_source(c.source)
-    ckpt_dir, step = checkpoint.resolve_checkpoint(source, c.model_tag, c.step)
+    source, tag, step = resolve_model(c.source, c.model_tag, c.step, c.path)
     rt = compute_init(c.device_type)
     if rt.device.type == "cuda":
         if c.num_workers > torch.cuda.device_count():
@@ -96,10 +96,10 @@ def load_workers(c: ChatWebConfig):
     for i, device in enumerate(devices):
         if device.type == "cuda":
             torch.cuda.set_device(device)  # compiled kernels and caches built for this GPU
-        engine, _ = load_engine(source, device, rt.dtype, ckpt_dir.name, step)
+        engine, _ = load_engine(source, device, rt.dtype, tag, step, c.path)
         workers.append(Worker(i, engine, str(device)))
-        print(f"worker {i}: {source} {ckpt_dir.name} step {step} on {device} ({rt.dtype})", flush=True)
-    return Server(c, workers, source, ckpt_dir.name, step)
+        print(f"worker {i}: {source} {tag} step {step} on {device} ({rt.dtype})", flush=True)
+    return Server(c, workers, source, tag, step)
 
 
 async def read_body(request, limits: Limits) -> bytes:
@@ -465,9 +465,11 @@ def main(argv=None):
     d = ChatWebConfig()
     p = argparse.ArgumentParser(prog="picochat chat-web", formatter_class=HelpFormatter,
                                 description="Serve a chat page and an OpenAI-compatible API "
-                                            "(POST /v1/chat/completions) over one checkpoint.")
-    p.add_argument("-i", "--source", default=d.source, choices=checkpoint.SOURCES,
-                   help="checkpoint stage: base, sft or rl (if not given: the most trained one there is)")
+                                            "(POST /v1/chat/completions) over one checkpoint or exported folder.")
+    p.add_argument("-i", "--source", default=d.source, choices=MODEL_SOURCES,
+                   help="checkpoint stage: base, sft or rl (if not given: the most trained one there is), or hf: "
+                        "a folder written by picochat export, given by --path")
+    p.add_argument("--path", default=d.path, help="with -i hf: the exported model folder")
     p.add_argument("-g", "--model-tag", default=d.model_tag, help="checkpoint folder (default: the largest d<N>)")
     p.add_argument("-s", "--step", type=int, default=d.step, help="checkpoint step (default: the last one)")
     p.add_argument("-n", "--num-workers", type=int, default=d.num_workers,

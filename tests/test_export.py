@@ -252,3 +252,15 @@ def test_an_existing_output_is_kept_unless_forced(exports, tmp_path):
     out = picochat("export", "-i", "base", "-g", "d2", "--output", str(target), "--force", home=home)
     assert out.returncode == 0 and (target / WEIGHTS).exists() and not (target / "notes.txt").exists()
     assert not list(tmp_path.glob("mine.*")), "a temporary folder was left behind"
+
+
+def test_base_eval_of_the_folder_equals_the_checkpoints(exports, pretrain_dir, monkeypatch):
+    from picochat.stages import base_eval
+
+    home, folders = exports
+    monkeypatch.setenv("PICOCHAT_HOME", str(home))
+    settings = dict(eval="bpb", device_batch_size=2, split_tokens=256, dataset=str(pretrain_dir), device_type="cpu")
+    ours = base_eval.run(base_eval.BaseEvalConfig(model_tag="d2", **settings))
+    theirs = base_eval.run(base_eval.BaseEvalConfig(path=str(folders["trained"]), **settings))
+    assert theirs["bpb"]["val"] == ours["bpb"]["val"] and theirs["model_tag"] == "hf_trained"
+    assert (home / "base_eval" / "hf_trained" / "base_model_000040.json").exists()

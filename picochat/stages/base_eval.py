@@ -3,7 +3,8 @@
 - bpb:    bits per byte on the train and val splits of the pretraining data
 - core:   the CORE metric (see core_eval), or a partial CORE over --tasks
 
-Results go to $PICOCHAT_HOME/base_eval/<model-tag>/:
+The model is a base checkpoint, or with --path a folder written by `picochat export` (results
+under base_eval/hf_<folder name>/). Results go to $PICOCHAT_HOME/base_eval/<model-tag>/:
   base_model_<step:06d>.csv   CORE table: "Task, Accuracy, Centered" rows, then the CORE row
                               (labelled "CORE (partial: ...)" when tasks were left out or capped)
   base_model_<step:06d>.json  everything measured; a later run on the same checkpoint updates
@@ -25,6 +26,7 @@ from picochat.common import PicochatError, compute_cleanup, compute_init, get_ba
 from picochat.core_eval import BATCH_TOKENS, evaluate_core, format_table, load_bundle, load_tasks, select_tasks
 from picochat.dataloader import DataLoader
 from picochat.dataset import DEFAULT_DATASET
+from picochat.export import folder_step, load_folder
 from picochat.loss_eval import evaluate_bpb
 from picochat.sampling import sample_completions, sample_unconditional
 
@@ -54,6 +56,7 @@ class BaseEvalConfig:
     eval: str = "core,bpb,sample"  # comma-separated subset of EVALS
     model_tag: str | None = None  # None: the largest d<N> tag, else the newest
     step: int | None = None  # None: the last complete checkpoint
+    path: str | None = None  # an exported folder instead of a checkpoint
     max_per_task: int = -1  # CORE examples per task (-1 = all)
     tasks: str = ""  # comma-separated CORE task labels ("" = all 22)
     core_batch_tokens: int = BATCH_TOKENS  # CORE: padded tokens per forward pass
@@ -86,9 +89,16 @@ def run(c: BaseEvalConfig) -> dict:
         select_tasks(load_tasks(load_bundle()), tasks)
     rt = compute_init(c.device_type)
     try:
-        ckpt_dir, step = checkpoint.resolve_checkpoint("base", c.model_tag, c.step)
-        tag = ckpt_dir.name
-        model, tokenizer, meta = checkpoint.load_model("base", rt.device, rt.dtype, tag, step)
+        if c.path is not None:
+            if c.model_tag is not None or c.step is not None:
+                raise PicochatError("--model-tag and --step pick a checkpoint in $PICOCHAT_HOME; --path is the model")
+            name, step = folder_step(c.path)
+            tag = f"hf_{name}"
+            model, tokenizer, meta = load_folder(c.path, rt.device, rt.dtype)
+        else:
+            ckpt_dir, step = checkpoint.resolve_checkpoint("base", c.model_tag, c.step)
+            tag = ckpt_dir.name
+            model, tokenizer, meta = checkpoint.load_model("base", rt.device, rt.dtype, tag, step)
         print0(model.attention_summary())
         print0(f"evaluating base model {tag} step {step} on {rt.device} ({rt.dtype})")
         record = {"model_tag": tag, "step": step}
@@ -153,6 +163,8 @@ def main(argv=None):
     p.add_argument("--eval", default=d.eval, help=f"comma-separated subset of {','.join(EVALS)}")
     p.add_argument("--model-tag", default=d.model_tag, help="checkpoint folder (default: the largest d<N>)")
     p.add_argument("--step", type=int, default=d.step, help="checkpoint step (default: the last one)")
+    p.add_argument("--path", default=d.path, help="evaluate a folder written by picochat export instead of a "
+                   "checkpoint (results under base_eval/hf_<folder name>/)")
     p.add_argument("--max-per-task", type=int, default=d.max_per_task,
                    help="CORE examples per task, for quick runs (-1 = all)")
     p.add_argument("--tasks", default=d.tasks,

@@ -242,3 +242,20 @@ def test_two_ranks_split_the_problems_and_sum_the_counts(eval_home, capsys):
         assert double["tasks"][name]["correct"] == single["tasks"][name]["correct"]
     assert single["tasks"]["ARC-Easy"]["correct"] + single["tasks"]["MMLU"]["correct"] > 0  # counts to compare
     assert done.stdout.count("results written to") == 1  # rank 0 alone writes and prints
+
+
+def test_an_exported_folder_scores_as_its_checkpoint(eval_home, tmp_path, capsys):
+    from picochat.stages import export
+
+    folder = export.run(export.ExportConfig(source="base", model_tag="d2", output=str(tmp_path / "shared"),
+                                            dtype="fp32"))
+    args = ["-a", "ARC-Easy|GSM8K", "-x", "3", "-m", "6", "--device-type", "cpu"]
+    run_stage(capsys, "-i", "base", *args)
+    run_stage(capsys, "-i", "hf", "--path", str(folder), *args)
+    name = "step_000040_ARC-Easy-GSM8K_max3.json"
+    ours = json.loads((eval_home / "chat_eval" / "base_d2" / name).read_text())
+    theirs = json.loads((eval_home / "chat_eval" / "hf_shared" / name).read_text())
+    assert theirs["source"] == "hf" and theirs["model_tag"] == "shared"
+    for task in ("ARC-Easy", "GSM8K"):
+        assert theirs["tasks"][task]["correct"] == ours["tasks"][task]["correct"]
+        assert theirs["tasks"][task]["samples"] == ours["tasks"][task]["samples"]

@@ -496,3 +496,13 @@ def test_two_workers_serve_two_requests_at_once(base_home, monkeypatch):
         assert stats["served"] == 3 and stats["available_workers"] == 2 and stats["queued"] == 0
 
     asyncio.run(main())
+
+
+def test_serves_an_exported_folder(base_home, tmp_path, monkeypatch):
+    from picochat.stages import chat_web, export
+
+    monkeypatch.setenv("PICOCHAT_HOME", str(base_home))
+    folder = export.run(export.ExportConfig(source="base", model_tag="d2", output=str(tmp_path / "shared")))
+    monkeypatch.setenv("PICOCHAT_HOME", str(tmp_path / "empty"))  # the folder is all it needs
+    server = chat_web.load_workers(chat_web.ChatWebConfig(source="hf", path=str(folder), device_type="cpu"))
+    assert server.model_id == "picochat-hf-shared" and server.description == "hf shared step 40"

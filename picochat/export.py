@@ -15,6 +15,7 @@ someone else exported can be evaluated and served like a local checkpoint (-i hf
 """
 
 import dataclasses
+import glob
 import json
 import os
 import shutil
@@ -26,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from picochat import checkpoint as ckpt
 from picochat.common import PicochatError
-from picochat.gpt import GPT, build_model, has_value_embedding
+from picochat.gpt import GPT, SOFTCAP, build_model, has_value_embedding
 from picochat.hf_tokenizer import read_tokenizer_files, write_tokenizer_files
 from picochat.report import StageRun, step_results
 from picochat.tokenizer import Tokenizer
@@ -99,7 +100,7 @@ def hf_config(model: GPT, tokenizer: Tokenizer, dtype, provenance: dict) -> dict
         "smear_channels": model.smear_gate.in_features if r.smear else 0,
         "smear": r.smear,
         "backout": r.backout,
-        "logit_softcap": 15.0,
+        "logit_softcap": SOFTCAP,
         "bos_token_id": bos,
         "eos_token_id": tokenizer.encode_special("<|assistant_end|>"),
         "pad_token_id": bos,
@@ -149,14 +150,13 @@ def write_weights(state: dict, folder: Path, max_bytes: int):
 def export_model(model: GPT, tokenizer: Tokenizer, meta: dict, provenance: dict, out_dir, dtype=torch.bfloat16,
                  max_shard_bytes: int = DEFAULT_SHARD_BYTES, force: bool = False, home: Path | None = None) -> Path:
     """Write the folder (see the module docstring); provenance: source, model_tag, step. An existing
-    out_dir is only replaced when force is set."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
-        raise PicochatError(f"{out_dir} exists and is not empty: choose another --output, or --force to replace it")
+    out_dir is only replaced when force is set, and only if it is empty or an earlier export."""
+    out_dir = Path(out_dir).absolute()
+    check_replaceable(out_dir, force, home)
+    remove_leftovers(out_dir)
     tmp = out_dir.with_name(f"{out_dir.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     try:
+        tmp.mkdir(parents=True)
         state = {k.removeprefix("_orig_mod."): v.detach().to("cpu", dtype).contiguous()
                  for k, v in model.state_dict().items()}
         write_weights(state, tmp, max_shard_bytes)
@@ -166,16 +166,49 @@ def export_model(model: GPT, tokenizer: Tokenizer, meta: dict, provenance: dict,
         shutil.copyfile(MODELING_FILE, tmp / MODELING_FILE.name)
         write_tokenizer_files(tokenizer, tmp, model_max_length=model.config.sequence_len)
         (tmp / "README.md").write_text(model_card(model, meta, provenance, dtype, home))
+        if out_dir.is_symlink():
+            out_dir.unlink()  # replace the link itself, never what it points to
         if out_dir.exists():
             old = out_dir.with_name(f"{out_dir.name}.old{os.getpid()}")
             os.replace(out_dir, old)
             os.replace(tmp, out_dir)
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
+            shutil.rmtree(old)
         else:
             os.replace(tmp, out_dir)
+    except (OSError, SafetensorError) as e:
+        raise PicochatError(f"cannot write {out_dir} ({type(e).__name__}: {e})") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def check_replaceable(out_dir: Path, force: bool, home: Path | None):
+    """--force replaces an empty folder or an earlier export, never other work of the user's."""
+    if out_dir.is_symlink() or not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise PicochatError(f"{out_dir} exists and is not a folder: choose another --output")
+    if not any(out_dir.iterdir()):
+        return
+    if not force:
+        raise PicochatError(f"{out_dir} exists and is not empty: choose another --output, or --force to replace it")
+    if home is not None and Path(home).absolute().is_relative_to(out_dir):
+        raise PicochatError(f"{out_dir} holds $PICOCHAT_HOME ({home}): --force will not replace it")
+    try:
+        read_config(out_dir)
+    except PicochatError:
+        raise PicochatError(f"{out_dir} is not a picochat export: --force only replaces an earlier export, "
+                            "so choose another --output") from None
+
+
+def remove_leftovers(out_dir: Path):
+    """The temporary folders of an export that was killed before it renamed them into place."""
+    if not out_dir.parent.is_dir():
+        return
+    for leftover in out_dir.parent.glob(f"{glob.escape(out_dir.name)}.*"):
+        suffix = leftover.name[len(out_dir.name) + 1:]
+        if leftover.is_dir() and not leftover.is_symlink() and suffix[:3] in ("tmp", "old") and suffix[3:].isdigit():
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------
@@ -262,6 +295,9 @@ def read_config(folder) -> dict:
     if not isinstance(config, dict) or config.get("model_type") != "picochat" or "picochat" not in config:
         kind = config.get("model_type", "unknown") if isinstance(config, dict) else "unknown"
         raise PicochatError(f"{folder} holds a {kind!r} model, not a picochat export (`picochat export` writes one)")
+    block = config["picochat"]
+    if not isinstance(block, dict) or not isinstance(block.get("model_config"), dict):
+        raise PicochatError(f"{path} has no picochat model_config: the export is damaged")
     return config
 
 

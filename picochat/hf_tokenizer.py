@@ -233,6 +233,8 @@ def write_tokenizer_files(tokenizer: Tokenizer, out_dir, model_max_length: int):
         # the other special tokens, so that all_special_ids covers them and skip_special_tokens drops them
         "extra_special_tokens": [name for name in SPECIAL_TOKENS if name not in (BOS, EOS)],
         "model_max_length": model_max_length,
+        # a batch of prompts is padded on the left so that every prompt ends where generation starts
+        "padding_side": "left",
         "clean_up_tokenization_spaces": False,
         "chat_template": CHAT_TEMPLATE,
     }

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from picochat import checkpoint as ckpt
+from picochat.common import PicochatError
 from picochat.engine import Engine
 from picochat.export import INDEX, WEIGHTS, load_folder, read_weights
 from picochat.gpt import GPTConfig, build_model
@@ -233,7 +234,12 @@ def test_bad_folders_are_one_line_errors(exports, tmp_path):
     bad_tokenizer = tmp_path / "bad_tokenizer"
     shutil.copytree(folders["trained"], bad_tokenizer)
     (bad_tokenizer / "tokenizer.json").write_text(json.dumps({"model": {"type": "WordPiece"}}))
-    cases = [(tmp_path / "missing", "is not a folder"), (foreign, "holds a 'llama' model, not a picochat export"),
+    damaged = tmp_path / "damaged"
+    shutil.copytree(folders["trained"], damaged)
+    config = json.loads((damaged / "config.json").read_text())
+    (damaged / "config.json").write_text(json.dumps({**config, "picochat": "?"}))
+    cases = [(tmp_path / "missing", "is not a folder"), (damaged, "has no picochat model_config"),
+             (foreign, "holds a 'llama' model, not a picochat export"),
              (corrupt, "cannot read the weights"), (no_tokenizer, "tokenizer.json is missing"),
              (bad_tokenizer, "is not a picochat tokenizer")]
     for folder, message in cases:
@@ -242,16 +248,50 @@ def test_bad_folders_are_one_line_errors(exports, tmp_path):
         assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
 
 
-def test_an_existing_output_is_kept_unless_forced(exports, tmp_path):
+def test_an_existing_output_is_kept_unless_it_is_an_export_and_forced(exports, tmp_path, monkeypatch):
     home, folders = exports
     target = tmp_path / "mine"
     target.mkdir()
     (target / "notes.txt").write_text("my work")
-    out = picochat("export", "-i", "base", "-g", "d2", "--output", str(target), home=home)
-    assert out.returncode == 1 and "--force" in out.stderr and (target / "notes.txt").exists()
-    out = picochat("export", "-i", "base", "-g", "d2", "--output", str(target), "--force", home=home)
-    assert out.returncode == 0 and (target / WEIGHTS).exists() and not (target / "notes.txt").exists()
-    assert not list(tmp_path.glob("mine.*")), "a temporary folder was left behind"
+    for flags, message in [([], "--force"), (["--force"], "is not a picochat export")]:
+        out = picochat("export", "-i", "base", "-g", "d2", "--output", str(target), *flags, home=home)
+        assert out.returncode == 1 and message in out.stderr and (target / "notes.txt").read_text() == "my work"
+        assert out.stderr.count("\n") == 1, out.stderr
+
+    monkeypatch.setenv("PICOCHAT_HOME", str(home))
+
+    def export(output, force=False):
+        return export_stage.run(export_stage.ExportConfig(source="base", model_tag="d2", output=str(output),
+                                                          force=force))
+
+    # an earlier export is replaced with --force, and what a killed export left beside it goes
+    again = tmp_path / "again"
+    shutil.copytree(folders["bf16"], again)
+    (again / "stale.txt").write_text("from the earlier export")
+    for leftover in ["again.tmp123", "again.old456"]:
+        (tmp_path / leftover).mkdir()
+        (tmp_path / leftover / WEIGHTS).write_text("half written")
+    (tmp_path / "again.notes").mkdir()  # not ours: kept
+    export(again, force=True)
+    assert (again / WEIGHTS).exists() and not (again / "stale.txt").exists()
+    assert sorted(p.name for p in tmp_path.glob("again*")) == ["again", "again.notes"]
+
+    # $PICOCHAT_HOME and the folders above it are never replaced
+    with pytest.raises(PicochatError, match="PICOCHAT_HOME"):
+        export(home, force=True)
+    assert (home / "base_checkpoints").is_dir()
+
+    # a link is replaced by the folder; what it pointed to is left alone
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    export(link, force=True)
+    assert not link.is_symlink() and (link / WEIGHTS).exists() and (target / "notes.txt").exists()
+
+    # a relative output, "." included
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert export(".") == work and (work / WEIGHTS).exists()
 
 
 def test_base_eval_of_the_folder_equals_the_checkpoints(exports, pretrain_dir, monkeypatch):

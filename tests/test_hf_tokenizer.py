@@ -86,7 +86,7 @@ def test_transformers_encodes_and_decodes_like_ours(hf_dir, hf_tok, small_tokeni
     assert len(hf_tok) == small_tokenizer.get_vocab_size()
     assert hf_tok.bos_token_id == hf_tok.pad_token_id == bos
     assert hf_tok.eos_token_id == small_tokenizer.encode_special("<|assistant_end|>")
-    assert hf_tok.model_max_length == 512
+    assert hf_tok.model_max_length == 512 and hf_tok.padding_side == "left"
     assert sorted(hf_tok.all_special_ids) == list(range(small_tokenizer.get_vocab_size() - 9,
                                                         small_tokenizer.get_vocab_size()))
     assert hf_tok.decode(small_tokenizer.render_conversation({"messages": CONVERSATIONS[0]})[0],

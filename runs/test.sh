@@ -18,5 +18,6 @@ if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$(id 
     || echo "could not install chromium: the browser test will skip"
 fi
 ruff check .
-# One OpenMP thread: compiled CPU runs are only bitwise reproducible this way.
-OMP_NUM_THREADS=1 python -m pytest -q "$@"
+# One OpenMP thread per test process (compiled CPU runs are only bitwise reproducible this way),
+# and one process per core: each builds the shared test data once (conftest.py).
+OMP_NUM_THREADS=1 python -m pytest -q -n auto "$@"

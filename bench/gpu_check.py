@@ -3,6 +3,9 @@
     HF_HUB_OFFLINE=1 python bench/gpu_check.py      # on the GPU: <= 8 min (--deadline-s 480)
     python bench/gpu_check.py --smoke               # the same code paths on the CPU, tiny shapes: < 1 min
 
+On a lent GPU whose image lacks some of picochat's dependencies, and where picochat is not installed,
+bench/device_wheels.sh (run here) and bench/gpu_run.sh (run there) wrap this script.
+
 The 480 s count from the start of main, after the imports (a few seconds). Where the files a remote
 run writes do not come back by themselves, point --results into the folder that does, and append
 that block to bench/RESULTS.md afterwards (the last stdout line, JSON, holds the same results).

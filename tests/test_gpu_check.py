@@ -88,3 +88,25 @@ def test_two_rank_step_agrees_with_gloo(monkeypatch):
     result = gpu_check.two_rank_step("cpu", gpu_check.SMOKE)
     assert result["status"] == "pass", result
     assert all(rank["moved"] == rank["params"] and rank["differ"] == 0 for rank in result["ranks"])
+
+
+def test_the_device_command_runs_the_check_from_a_plain_checkout(tmp_path):
+    """bench/gpu_run.sh, as given to a lent GPU: picochat importable from the checkout alone, the
+    results and the log in $OUT, and a dependency the image lacks named in one line up front."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PICOCHAT_HOME": str(tmp_path / "home"), "OUT": str(tmp_path / "out"),
+           "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
+    command = ["bash", "bench/gpu_run.sh", "--smoke", "--sections", "loss"]
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert rows((tmp_path / "out" / "gpu_check.md").read_text())["3. loss falls | d2"].startswith("pass: ")
+    assert "3. loss falls | d2 | pass: " in (tmp_path / "out" / "gpu_check.log").read_text()
+
+    lacking = tmp_path / "lacking"  # an image without rustbpe
+    lacking.mkdir()
+    (lacking / "rustbpe.py").write_text("raise ModuleNotFoundError(\"No module named 'rustbpe'\")\n")
+    proc = subprocess.run(command, cwd=REPO, env={**env, "PYTHONPATH": str(lacking)}, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 1
+    assert proc.stdout.splitlines()[-2:] == ["ModuleNotFoundError: No module named 'rustbpe'",
+                                             "picochat cannot be imported here: run bench/device_wheels.sh, "
+                                             "and carry .whl"]

@@ -7,6 +7,7 @@
 #
 # Arguments go to gpu_check.py (--deadline-s, --sections, --smoke). Append $OUT/gpu_check.md to
 # bench/RESULTS.md afterwards, with the commit: the device gets the files without .git.
+# `bash bench/gpu_run.sh pipeline` runs bench/gpu_pipeline.sh (the d12 pipeline) instead.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}
@@ -24,5 +25,10 @@ if ! (cd bench && python3 -c "import picochat.tokenizer, picochat.serve, bench_c
   exit 1
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | tee "$OUT/nvidia_smi.txt"
+if [ "${1:-}" = pipeline ]; then
+  shift
+  OUT=$OUT bash bench/gpu_pipeline.sh "$@"
+  exit
+fi
 python3 bench/gpu_check.py --results "$OUT/gpu_check.md" "$@" 2>&1 | tee "$OUT/gpu_check.log"
 exit "${PIPESTATUS[0]}"

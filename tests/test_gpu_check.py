@@ -5,11 +5,13 @@ import importlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
 
 import pytest
+from chat_data import write_task_mirror
 from conftest import REPO
 
 SCRIPT = REPO / "bench" / "gpu_check.py"
@@ -110,3 +112,26 @@ def test_the_device_command_runs_the_check_from_a_plain_checkout(tmp_path):
     assert proc.stdout.splitlines()[-2:] == ["ModuleNotFoundError: No module named 'rustbpe'",
                                              "picochat cannot be imported here: run bench/device_wheels.sh, "
                                              "and carry .whl"]
+
+
+def test_the_device_pipeline_runs_every_stage(tmp_path, pretrain_dir, core_bundle):
+    """bench/gpu_pipeline.sh at its SMOKE sizes, through gpu_run.sh, on data laid out as
+    bench/device_data.sh lays it out: every stage's log and time, and the report, come back in $OUT."""
+    data = tmp_path / "device_data"
+    shutil.copytree(pretrain_dir, data / "pretrain")
+    shutil.make_archive(str(data / "eval_bundle"), "zip", core_bundle)
+    write_task_mirror(data / "task_mirror")
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PICOCHAT_HOME": str(tmp_path / "home"), "OUT": str(out),
+           "DEVICE_DATA": str(data), "SMOKE": "1", "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
+    proc = subprocess.run(["bash", "bench/gpu_run.sh", "pipeline"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    stages = ["tok-train", "tok-eval", "base-train", "base-eval", "chat-sft", "chat-eval", "report"]
+    times = (out / "times.txt").read_text().splitlines()
+    assert [line.split()[0] for line in times] == stages and all(line.endswith(" s") for line in times)
+    assert all((out / f"{name}.log").stat().st_size > 0 for name in stages)
+    report = (out / "report" / "report.md").read_text()
+    assert "CORE (partial" in report and "## chat-sft" in report
+    assert (out / "report" / "base_loss.png").read_bytes().startswith(b"\x89PNG")
+    assert (out / "report.md").exists()  # the report's copy in the working directory: $OUT, not the checkout

@@ -11,9 +11,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYVER=${PYVER:-3.12}
-rm -rf .whl
+rm -rf .whl.new
 python3 -m pip download -q --only-binary=:all: --python-version "$PYVER" --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-  -d .whl rustbpe==0.1.0 fastapi==0.165.0 uvicorn==0.55.0
+  -d .whl.new rustbpe==0.1.0 fastapi==0.165.0 uvicorn==0.55.0
+rm -rf .whl && mv .whl.new .whl  # the earlier wheels stay until the new ones are all there
 ls .whl
 du -sh .whl

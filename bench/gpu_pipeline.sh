@@ -3,7 +3,8 @@
 # .device_data: tok-train, tok-eval, base-train d12 at the reference's sizes (T=2048, 524,288
 # tokens a step) for STEPS steps, base-eval (CORE capped at 500 examples a task: partial), a
 # short chat-sft, a chat-eval subset and the report, copied to $OUT with the stage logs.
-# Its numbers are base-train's tok/s and MFU and each stage's time; the sample holds about
+# Run it through gpu_run.sh, which puts the checkout on the path. Its numbers are base-train's
+# tok/s and MFU and each stage's time; the sample holds about
 # 0.5M tokens, so every step is an epoch of it and the scores say nothing about d12.
 #
 #   run(command="bash bench/gpu_run.sh pipeline", carry=[".whl", ".device_data"], timeout_s=540)
@@ -21,6 +22,8 @@ D=$(cd "$D" && pwd)
 cd "$OUT"  # the stages' working directory: the report's copy lands here, not in the checkout
 export PICOCHAT_HOME=${PICOCHAT_HOME:-/tmp/picochat_gpu_pipeline} PICOCHAT_EVAL_BUNDLE=$D/eval_bundle.zip \
   PICOCHAT_TASK_DATA_URL=$D/task_mirror
+: > "$OUT/times.txt"
+rm -rf "$OUT/report"
 start=$(date +%s)
 stage() {  # stage NAME ARGS...: one picochat stage, its log in $OUT and its wall time in $OUT/times.txt
   local name=$1 t0
@@ -39,9 +42,10 @@ if [ "${SMOKE:-0}" = 1 ]; then
   SFT=(--num-iterations 4 --eval-every 2 --eval-tokens 1024 --spelling-bee 50 --simple-spelling 50)
   CHAT=(-a "ARC-Easy|GSM8K" -x 4 -b 4 -m 16)
 else
+  [ -s "$D/core_tasks.txt" ] || { echo "no $D/core_tasks.txt: run bench/device_data.sh again"; exit 1; }
   VOCAB=16384  # the reference's 32,768 needs more merges than the 2.6M-character sample holds (26,464)
   BASE=(--depth 12 --num-iterations "${STEPS:-60}" --eval-every 30 --eval-tokens 524288)
-  CORE=(--max-per-task 500 --device-batch-size 32 --split-tokens 524288)
+  CORE=(--max-per-task 500 --device-batch-size 32 --split-tokens 524288 --tasks "$(cat "$D/core_tasks.txt")")
   SFT=(--num-iterations 40 --eval-every 20)
   CHAT=(-a "ARC-Easy|ARC-Challenge|MMLU|GSM8K|HumanEval" -x 100)
 fi

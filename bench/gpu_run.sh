@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The command to give a lent GPU: it installs the carried wheels (bench/device_wheels.sh), puts
-# this checkout on the path (picochat is not installed there) and runs bench/gpu_check.py, its
-# results block into $OUT (the folder the device tool brings back) and its log beside it.
+# The command to give a lent GPU: it puts this checkout on the path (picochat is not installed
+# there), installs the carried wheels (bench/device_wheels.sh) if picochat's imports need them, and
+# runs bench/gpu_check.py, its results block into $OUT (the folder the device tool brings back)
+# and its log beside it.
 #
 #   run(command="bash bench/gpu_run.sh", carry=[".whl"], timeout_s=560)
 #
@@ -9,18 +10,20 @@
 # bench/RESULTS.md afterwards, with the commit: the device gets the files without .git.
 # `bash bench/gpu_run.sh pipeline` runs bench/gpu_pipeline.sh (the d12 pipeline) instead.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-$PWD/gpu_out}
-mkdir -p "$OUT"
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || { echo "could not install the carried wheels in .whl"; exit 1; }
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
+mkdir -p "$OUT" || exit 1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-# what the device's Python lacks shows here in one line, instead of as a traceback minutes in
-if ! (cd bench && python3 -c "import picochat.tokenizer, picochat.serve, bench_chat, bench_engine, bench_rl, bench_serve") \
-    2>&1 | tail -1; then
+imports() {  # what the device's Python lacks shows here in one line, not as a traceback minutes in
+  (cd bench && python3 -c "import picochat.tokenizer, picochat.serve, bench_chat, bench_engine, bench_rl, bench_serve")
+}
+WHEELS=${WHEELS:-.whl}
+if ! imports 2>/dev/null && [ -d "$WHEELS" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl \
+    || { echo "could not install the carried wheels in $WHEELS"; exit 1; }
+  export PYTHONPATH=/tmp/site:$PYTHONPATH
+fi
+if ! imports 2>&1 | tail -1; then
   echo "picochat cannot be imported here: run bench/device_wheels.sh, and carry .whl"
   exit 1
 fi

@@ -18,6 +18,7 @@ import dataclasses
 import glob
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -28,7 +29,13 @@ from safetensors.torch import load_file, save_file
 from picochat import checkpoint as ckpt
 from picochat.common import PicochatError
 from picochat.gpt import GPT, SOFTCAP, build_model, has_value_embedding
-from picochat.hf_tokenizer import read_tokenizer_files, write_tokenizer_files
+from picochat.hf_tokenizer import (
+    CONFIG_FILE,
+    SPECIAL_TOKENS_MAP_FILE,
+    TOKENIZER_FILE,
+    read_tokenizer_files,
+    write_tokenizer_files,
+)
 from picochat.report import StageRun, step_results
 from picochat.tokenizer import Tokenizer
 
@@ -152,10 +159,10 @@ def export_model(model: GPT, tokenizer: Tokenizer, meta: dict, provenance: dict,
     """Write the folder (see the module docstring); provenance: source, model_tag, step. An existing
     out_dir is only replaced when force is set, and only if it is empty or an earlier export."""
     out_dir = Path(out_dir).absolute()
-    check_replaceable(out_dir, force, home)
-    remove_leftovers(out_dir)
-    tmp = out_dir.with_name(f"{out_dir.name}.tmp{os.getpid()}")
+    tmp = work_folder(out_dir, "tmp", os.getpid())
     try:
+        check_replaceable(out_dir, force, home)
+        remove_leftovers(out_dir)
         tmp.mkdir(parents=True)
         state = {k.removeprefix("_orig_mod."): v.detach().to("cpu", dtype).contiguous()
                  for k, v in model.state_dict().items()}
@@ -169,10 +176,14 @@ def export_model(model: GPT, tokenizer: Tokenizer, meta: dict, provenance: dict,
         if out_dir.is_symlink():
             out_dir.unlink()  # replace the link itself, never what it points to
         if out_dir.exists():
-            old = out_dir.with_name(f"{out_dir.name}.old{os.getpid()}")
+            old = work_folder(out_dir, "old", os.getpid())
             os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old)
+            try:
+                os.replace(tmp, out_dir)
+            except OSError:
+                os.replace(old, out_dir)  # put the earlier export back
+                raise
+            shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out_dir)
     except (OSError, SafetensorError) as e:
@@ -182,33 +193,67 @@ def export_model(model: GPT, tokenizer: Tokenizer, meta: dict, provenance: dict,
     return out_dir
 
 
+def is_export_file(name: str) -> bool:
+    """A file name export_model writes (the shards of any earlier shard count included)."""
+    if name in (WEIGHTS, INDEX, "config.json", "generation_config.json", MODELING_FILE.name, "README.md",
+                TOKENIZER_FILE, CONFIG_FILE, SPECIAL_TOKENS_MAP_FILE):
+        return True
+    return re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", name) is not None
+
+
 def check_replaceable(out_dir: Path, force: bool, home: Path | None):
     """--force replaces an empty folder or an earlier export, never other work of the user's."""
-    if out_dir.is_symlink() or not out_dir.exists():
+    if out_dir.is_symlink():
+        if not force:
+            raise PicochatError(f"{out_dir} is a link: --force replaces the link (not what it points to)")
+        return
+    if not out_dir.exists():
         return
     if not out_dir.is_dir():
         raise PicochatError(f"{out_dir} exists and is not a folder: choose another --output")
-    if not any(out_dir.iterdir()):
+    names = sorted(p.name for p in out_dir.iterdir())
+    if not names:
         return
     if not force:
         raise PicochatError(f"{out_dir} exists and is not empty: choose another --output, or --force to replace it")
-    if home is not None and Path(home).absolute().is_relative_to(out_dir):
+    if home is not None and Path(home).resolve().is_relative_to(out_dir.resolve()):
         raise PicochatError(f"{out_dir} holds $PICOCHAT_HOME ({home}): --force will not replace it")
     try:
         read_config(out_dir)
     except PicochatError:
         raise PicochatError(f"{out_dir} is not a picochat export: --force only replaces an earlier export, "
                             "so choose another --output") from None
+    foreign = [name for name in names if not is_export_file(name)]
+    if foreign:
+        raise PicochatError(f"{out_dir} holds files an export does not write ({', '.join(foreign[:3])}"
+                            f"{', ...' if len(foreign) > 3 else ''}): move them, or choose another --output")
+
+
+def work_folder(out_dir: Path, kind: str, pid: int) -> Path:
+    return out_dir.with_name(f"{out_dir.name}.picochat-{kind}-{pid}")
 
 
 def remove_leftovers(out_dir: Path):
-    """The temporary folders of an export that was killed before it renamed them into place."""
+    """The work folders of an export killed before it renamed them into place: named after a
+    process that is gone, holding export files only."""
     if not out_dir.parent.is_dir():
         return
-    for leftover in out_dir.parent.glob(f"{glob.escape(out_dir.name)}.*"):
-        suffix = leftover.name[len(out_dir.name) + 1:]
-        if leftover.is_dir() and not leftover.is_symlink() and suffix[:3] in ("tmp", "old") and suffix[3:].isdigit():
+    for leftover in out_dir.parent.glob(f"{glob.escape(out_dir.name)}.picochat-*-*"):
+        kind, _, pid = leftover.name[len(out_dir.name) + len(".picochat-"):].partition("-")
+        if kind not in ("tmp", "old") or not (pid.isascii() and pid.isdigit()) or process_alive(int(pid)):
+            continue
+        if leftover.is_dir() and not leftover.is_symlink() and all(is_export_file(p.name) for p in leftover.iterdir()):
             shutil.rmtree(leftover, ignore_errors=True)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # another user's process (or no such pid to ask about): leave its folder alone
+    return True
 
 
 # ---------------------------------------------------------------------------
@@ -290,7 +335,7 @@ def read_config(folder) -> dict:
         config = json.loads(path.read_text())
     except FileNotFoundError:
         raise PicochatError(f"{folder} has no config.json: not a Hugging Face model folder") from None
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # ValueError: bad JSON, or bytes that are not UTF-8
         raise PicochatError(f"cannot read {path} ({type(e).__name__}: {e})") from None
     if not isinstance(config, dict) or config.get("model_type") != "picochat" or "picochat" not in config:
         kind = config.get("model_type", "unknown") if isinstance(config, dict) else "unknown"

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from picochat import checkpoint as ckpt
 from picochat.common import PicochatError
 from picochat.engine import Engine
-from picochat.export import INDEX, WEIGHTS, load_folder, read_weights
+from picochat.export import INDEX, WEIGHTS, load_folder, process_alive, read_config, read_weights
 from picochat.gpt import GPTConfig, build_model
 from picochat.stages import export as export_stage
 
@@ -264,28 +264,48 @@ def test_an_existing_output_is_kept_unless_it_is_an_export_and_forced(exports, t
         return export_stage.run(export_stage.ExportConfig(source="base", model_tag="d2", output=str(output),
                                                           force=force))
 
-    # an earlier export is replaced with --force, and what a killed export left beside it goes
+    # an earlier export (a shard of an earlier shard count included) is replaced with --force; one
+    # the user added a file to is refused and kept
     again = tmp_path / "again"
     shutil.copytree(folders["bf16"], again)
-    (again / "stale.txt").write_text("from the earlier export")
-    for leftover in ["again.tmp123", "again.old456"]:
-        (tmp_path / leftover).mkdir()
-        (tmp_path / leftover / WEIGHTS).write_text("half written")
-    (tmp_path / "again.notes").mkdir()  # not ours: kept
+    (again / "model-00001-of-00002.safetensors").write_text("from the earlier export")
+    shutil.copytree(again, tmp_path / "added")
+    (tmp_path / "added" / "notes.txt").write_text("my notes")
+    with pytest.raises(PicochatError, match=r"holds files an export does not write \(notes.txt\)"):
+        export(tmp_path / "added", force=True)
+    assert (tmp_path / "added" / "notes.txt").exists()
+
+    # beside it, the work folders of a killed export go; those of a live process, or holding other
+    # files, or named otherwise, stay
+    dead = next(pid for pid in range(4_000_000, 4_100_000) if not process_alive(pid))
+    leftovers = {f"again.picochat-tmp-{dead}": WEIGHTS, f"again.picochat-old-{dead}": "config.json",
+                 f"again.picochat-tmp-{os.getppid()}": WEIGHTS, f"again.picochat-old-{dead + 1}": "notes.txt",
+                 "again.tmp123": WEIGHTS, "again.notes": WEIGHTS}
+    for name, file in leftovers.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / file).write_text("half written")
     export(again, force=True)
-    assert (again / WEIGHTS).exists() and not (again / "stale.txt").exists()
-    assert sorted(p.name for p in tmp_path.glob("again*")) == ["again", "again.notes"]
+    assert (again / WEIGHTS).exists() and not (again / "model-00001-of-00002.safetensors").exists()
+    assert sorted(p.name for p in tmp_path.glob("again*")) == sorted(
+        ["again", f"again.picochat-tmp-{os.getppid()}", f"again.picochat-old-{dead + 1}", "again.tmp123",
+         "again.notes"])
 
     # $PICOCHAT_HOME and the folders above it are never replaced
     with pytest.raises(PicochatError, match="PICOCHAT_HOME"):
         export(home, force=True)
     assert (home / "base_checkpoints").is_dir()
 
-    # a link is replaced by the folder; what it pointed to is left alone
+    # a link needs --force too; then the link is replaced by the folder, and what it pointed to is left alone
     link = tmp_path / "link"
     link.symlink_to(target)
+    with pytest.raises(PicochatError, match="is a link: --force"):
+        export(link)
     export(link, force=True)
     assert not link.is_symlink() and (link / WEIGHTS).exists() and (target / "notes.txt").exists()
+
+    # a folder that cannot be made is a one-line error
+    with pytest.raises(PicochatError, match="cannot write .*NotADirectoryError"):
+        export(target / "notes.txt" / "sub")
 
     # a relative output, "." included
     work = tmp_path / "work"
@@ -304,3 +324,9 @@ def test_base_eval_of_the_folder_equals_the_checkpoints(exports, pretrain_dir, m
     theirs = base_eval.run(base_eval.BaseEvalConfig(path=str(folders["trained"]), **settings))
     assert theirs["bpb"]["val"] == ours["bpb"]["val"] and theirs["model_tag"] == "hf_trained"
     assert (home / "base_eval" / "hf_trained" / "base_model_000040.json").exists()
+
+
+def test_a_config_that_is_not_text_is_a_one_line_error(tmp_path):
+    (tmp_path / "config.json").write_bytes(b"\xff\xfe\x00\x81 not utf-8")
+    with pytest.raises(PicochatError, match="cannot read .*config.json"):
+        read_config(tmp_path)

@@ -106,8 +106,8 @@ def test_the_device_command_runs_the_check_from_a_plain_checkout(tmp_path):
     lacking = tmp_path / "lacking"  # an image without rustbpe
     lacking.mkdir()
     (lacking / "rustbpe.py").write_text("raise ModuleNotFoundError(\"No module named 'rustbpe'\")\n")
-    proc = subprocess.run(command, cwd=REPO, env={**env, "PYTHONPATH": str(lacking)}, capture_output=True, text=True,
-                          timeout=60)
+    proc = subprocess.run(command, cwd=REPO, env={**env, "PYTHONPATH": str(lacking), "WHEELS": str(tmp_path / "none")},
+                          capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1
     assert proc.stdout.splitlines()[-2:] == ["ModuleNotFoundError: No module named 'rustbpe'",
                                              "picochat cannot be imported here: run bench/device_wheels.sh, "

@@ -65,7 +65,8 @@ def main(argv=None):
                    help="weight precision in the files: bf16 halves them, fp32 keeps every trained bit")
     p.add_argument("--max-shard-mb", type=float, default=d.max_shard_mb,
                    help="largest weights file, in MiB; bigger models are split into several files with an index")
-    p.add_argument("--force", action="store_true", help="replace --output if it exists and is not empty")
+    p.add_argument("--force", action="store_true",
+                   help="replace --output if it is an earlier export (never a folder holding other files)")
     run(ExportConfig(**vars(p.parse_args(argv))))
 
 

@@ -27,6 +27,7 @@ if ! imports 2>&1 | tail -1; then
   echo "picochat cannot be imported here: run bench/device_wheels.sh, and carry .whl"
   exit 1
 fi
+(cd bench && python3 -c "import picochat; print('picochat from', picochat.__file__)")
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | tee "$OUT/nvidia_smi.txt"
 if [ "${1:-}" = pipeline ]; then
   shift

@@ -97,17 +97,23 @@ def test_the_device_command_runs_the_check_from_a_plain_checkout(tmp_path):
     results and the log in $OUT, and a dependency the image lacks named in one line up front."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PICOCHAT_HOME": str(tmp_path / "home"), "OUT": str(tmp_path / "out"),
            "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
+    checkout = tmp_path / "checkout"  # the files the device gets: no .git, no install of its own
+    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    for name in files:
+        (checkout / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, checkout / name)
     command = ["bash", "bench/gpu_run.sh", "--smoke", "--sections", "loss"]
-    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(command, cwd=checkout, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"picochat from {checkout / 'picochat' / '__init__.py'}" in proc.stdout
     assert rows((tmp_path / "out" / "gpu_check.md").read_text())["3. loss falls | d2"].startswith("pass: ")
     assert "3. loss falls | d2 | pass: " in (tmp_path / "out" / "gpu_check.log").read_text()
 
     lacking = tmp_path / "lacking"  # an image without rustbpe
     lacking.mkdir()
     (lacking / "rustbpe.py").write_text("raise ModuleNotFoundError(\"No module named 'rustbpe'\")\n")
-    proc = subprocess.run(command, cwd=REPO, env={**env, "PYTHONPATH": str(lacking), "WHEELS": str(tmp_path / "none")},
-                          capture_output=True, text=True, timeout=60)
+    lacking_env = {**env, "PYTHONPATH": str(lacking), "WHEELS": str(tmp_path / "none")}
+    proc = subprocess.run(command, cwd=checkout, env=lacking_env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1
     assert proc.stdout.splitlines()[-2:] == ["ModuleNotFoundError: No module named 'rustbpe'",
                                              "picochat cannot be imported here: run bench/device_wheels.sh, "

@@ -18,15 +18,11 @@ import shutil, sys
 shutil.make_archive(sys.argv[1], 'zip', '.')" "$OLDPWD/.device_data/eval_bundle")
 python3 bench/shared_task_mirror.py --shared "$SHARED/chat" --out .device_data/task_mirror
 # the CORE tasks whose data the bundle holds (../shared lacks one of the 22), for base-eval --tasks
-python3 - "$SHARED/eval_bundle" > .device_data/core_tasks.txt <<'PY'
+PYTHONPATH=$PWD python3 -c "
 import sys
 from pathlib import Path
-
-import yaml
-
-bundle = Path(sys.argv[1])
-tasks = yaml.safe_load((bundle / "core.yaml").read_text())["icl_tasks"]
-print(",".join(t["label"] for t in tasks if (bundle / "eval_data" / t["dataset_uri"]).exists()))
-PY
+from picochat.core_eval import load_tasks
+print(','.join(t.label for t in load_tasks(Path(sys.argv[1])) if t.path.exists()))" "$SHARED/eval_bundle" \
+  > .device_data/core_tasks.txt
 echo "CORE tasks with data: $(tr ',' '\n' < .device_data/core_tasks.txt | wc -l)"
 du -sh .device_data/* .device_data

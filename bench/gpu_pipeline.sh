@@ -4,8 +4,8 @@
 # tokens a step) for STEPS steps, base-eval (CORE capped at 500 examples a task: partial), a
 # short chat-sft, a chat-eval subset and the report, copied to $OUT with the stage logs.
 # Run it through gpu_run.sh, which puts the checkout on the path. Its numbers are base-train's
-# tok/s and MFU and each stage's time; the sample holds about
-# 0.5M tokens, so every step is an epoch of it and the scores say nothing about d12.
+# tok/s and MFU and each stage's time; the sample holds about 0.5M tokens, so every step is an
+# epoch of it and the scores say nothing about d12.
 #
 #   run(command="bash bench/gpu_run.sh pipeline", carry=[".whl", ".device_data"], timeout_s=540)
 #

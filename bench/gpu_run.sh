@@ -15,10 +15,11 @@ OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT" || exit 1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 imports() {  # what the device's Python lacks shows here in one line, not as a traceback minutes in
-  (cd bench && python3 -c "import picochat.tokenizer, picochat.serve, bench_chat, bench_engine, bench_rl, bench_serve")
+  (cd bench && python3 -c "import picochat.tokenizer, picochat.serve, bench_chat, bench_engine, bench_rl, bench_serve
+print('picochat from', picochat.__file__)")
 }
 WHEELS=${WHEELS:-.whl}
-if ! imports 2>/dev/null && [ -d "$WHEELS" ]; then
+if ! imports >/dev/null 2>&1 && [ -d "$WHEELS" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl \
     || { echo "could not install the carried wheels in $WHEELS"; exit 1; }
   export PYTHONPATH=/tmp/site:$PYTHONPATH
@@ -27,7 +28,6 @@ if ! imports 2>&1 | tail -1; then
   echo "picochat cannot be imported here: run bench/device_wheels.sh, and carry .whl"
   exit 1
 fi
-(cd bench && python3 -c "import picochat; print('picochat from', picochat.__file__)")
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | tee "$OUT/nvidia_smi.txt"
 if [ "${1:-}" = pipeline ]; then
   shift

@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 from chat_data import GSM8K_TRAIN, MMLU_AUX, SMOLTALK_TRAIN, SPELLING, write_task_mirror
-from conftest import REPO
+from conftest import REPO, free_port
 
 from picochat import checkpoint as ckpt
 from picochat import cli
@@ -176,6 +176,45 @@ def test_resume_after_sigterm_is_exact(base_home, mirror, tmp_path, monkeypatch)
     a = ckpt.load_model_state(straight_home / "sft_checkpoints" / "d2", n, "cpu")
     b = ckpt.load_model_state(folder, n, "cpu")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_processes_make_the_same_run_as_one(home):
+    """One epoch at T=12: every conversation of the mixture renders to 14+ tokens, so each row holds
+    one (cut to 13) and the buffer hands them out in arrival order. Then one process taking 4 rows
+    a step (2 micro-batches) and two gloo processes taking 2 each (every other conversation) train
+    on the same conversations at every step, with different unmasked-token counts per rank (MMLU
+    and GSM8K rows are all prompt at this length): the epoch ends at the same step, the val bpb
+    (over the same 8 conversations) and the final weights agree up to the all-reduce's rounding,
+    which the 30 steps amplify to 1e-4 of the change.
+    Both start with a fresh optimizer: the base run's state is per rank, so only a run with its
+    process count can take it. backout_lambda is left out: at depth 2 it scales the last block's
+    output, which the final norm undoes, so its gradient is rounding noise that Adam blows up to
+    full steps, differently in each run (and without effect on the logits)."""
+    args = ["chat-sft", "--device-type", "cpu", "--compile", "off", "--num-iterations", "-1", "--max-seq-len", "12",
+            "--device-batch-size", "2", "--total-batch-size", "48", "--eval-every", "10", "--eval-tokens", "96",
+            "--chatcore-every", "-1", "--load-optimizer", "0", "--init-lr-frac", "0.1", "--mmlu-epochs", "1",
+            "--gsm8k-epochs", "1", "--spelling-bee", str(SPELLING), "--simple-spelling", str(SPELLING)]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                str(free_port())]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    for tag, launcher in (("one", [sys.executable]), ("two", torchrun)):
+        done = subprocess.run([*launcher, "-m", "picochat", *args, "--output-tag", tag], capture_output=True,
+                              text=True, env=env, cwd=REPO, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    steps = mixture_size() // 4
+    one, two = (metrics(home, tag) for tag in ("one", "two"))
+    assert [r["step"] for r in one if "loss" in r] == [r["step"] for r in two if "loss" in r] == list(range(steps))
+    val_one, val_two = ([(r["step"], r["val_bpb"]) for r in m if "val_bpb" in r] for m in (one, two))
+    assert [s for s, _ in val_one] == [s for s, _ in val_two] == [0, 10, 20, steps]
+    for (_, a), (_, b) in zip(val_one, val_two):
+        assert a == pytest.approx(b, rel=1e-4)
+    assert val_one[-1][1] < val_one[0][1]  # it trained on something
+    a = ckpt.load_model_state(home / "sft_checkpoints" / "one", steps, "cpu")
+    b = ckpt.load_model_state(home / "sft_checkpoints" / "two", steps, "cpu")
+    assert ckpt.load_meta(home / "sft_checkpoints" / "two", steps)["world_size"] == 2
+    start = ckpt.load_model_state(home / "base_checkpoints" / "d2", 40, "cpu")
+    for k in a.keys() - {"backout_lambda"}:  # the runs differ by 1e-4 of what they changed (Muon amplifies rounding)
+        assert (a[k] - b[k]).norm() < 1e-3 * (a[k] - start[k]).norm(), k
 
 
 def test_a_fresh_run_refuses_a_tag_with_checkpoints(home, capsys):

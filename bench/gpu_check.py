@@ -13,8 +13,9 @@ that block to bench/RESULTS.md afterwards (the last stdout line, JSON, holds the
 Sections:
 1. training throughput: tok/s and bf16 MFU of full training steps (forward, backward, MuonAdamW
    step), torch.compile'd, T=2048, for d12 and d24 at the largest device batch that fits
-   (32, 16, 8, ...), once with FA3 and once with what picochat runs where FA3 does not load
-   (FlexAttention for the sliding windows, SDPA for full context)
+   (32, 16, 8, ...), once with FA3, once with what picochat runs where FA3 does not load
+   (FlexAttention for the sliding windows, SDPA for full context), and once with base-train
+   --fp8 (picochat's own attention choice, FA3 where it loads), whose last loss must be finite
 2. attention fwd+bwd: each backend (fa3, flex, sdpa) alone at T=2048, for the two windows of the
    SSSL pattern
 3. loss falls: d12 training steps on one fixed, learnable batch; the loss must end below ln 256
@@ -70,9 +71,17 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from picochat import attention
+from picochat import attention, fp8
 from picochat.cli import HelpFormatter
-from picochat.common import compute_cleanup, compute_init, device_name, get_base_dir, get_peak_flops, synchronize
+from picochat.common import (
+    PicochatError,
+    compute_cleanup,
+    compute_init,
+    device_name,
+    get_base_dir,
+    get_peak_flops,
+    synchronize,
+)
 from picochat.engine import Engine
 from picochat.gpt import build_model, config_from_depth, window_sizes
 from picochat.training import (
@@ -96,8 +105,9 @@ SECTIONS = {
     "serve": "7. chat-web streams",
     "rl": "8. RL step",
 }
-# Training throughput runs under each; "flex/sdpa" is picochat's own choice with FA3 out of the way
-SETTINGS = ("fa3", "flex/sdpa")
+# Training throughput runs under each; "flex/sdpa" is picochat's own choice with FA3 out of the way,
+# "fp8" base-train --fp8 with the attention picochat picks
+SETTINGS = ("fa3", "flex/sdpa", "fp8")
 LEARNABLE_TOKENS = 256  # the training batches cycle through this many tokens (see fixed_batch)
 
 
@@ -157,7 +167,10 @@ def attention_setting(setting: str):
     """fa3: FA3 on every layer. flex/sdpa: the backends attention.py picks where FA3 does not load
     (FlexAttention for sliding windows on CUDA, SDPA for full context and on the CPU). No single
     forced backend gives that mix, so FA3 is hidden instead: backend_name looks load_fa3 up on
-    every call."""
+    every call. fp8: whatever picochat picks."""
+    if setting == "fp8":
+        yield
+        return
     if setting == "fa3":
         attention.force_backend("fa3")
         try:
@@ -214,10 +227,12 @@ class Checks:
         self.scaler = make_scaler(rt.device, rt.dtype)
         self.fits = {}  # depth -> the largest device batch that trained
 
-    def training_setup(self, depth: int):
+    def training_setup(self, depth: int, with_fp8: bool = False):
         s = self.sizes
         config = config_from_depth(depth, s.vocab_size, s.seq_len, head_dim=s.head_dim)
         model = build_model(config, self.rt.device, self.rt.dtype)
+        if with_fp8:
+            fp8.convert(model)  # before compiling, as base-train does
         step_fn = torch.compile(model, dynamic=False) if s.compile else model
         return model, step_fn, model.setup_optimizer()
 
@@ -232,10 +247,15 @@ class Checks:
         rt, s = self.rt, self.sizes
         if setting == "fa3" and (why := fa3_unavailable(rt.dtype)):
             return skipped(why)
+        if setting == "fp8":
+            try:
+                fp8.check_supported(rt.device)
+            except PicochatError as e:
+                return skipped(str(e))
         if rt.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(rt.device)
         with attention_setting(setting):
-            model, step_fn, optimizer = self.training_setup(depth)
+            model, step_fn, optimizer = self.training_setup(depth, with_fp8=setting == "fp8")
             # the other setting of this depth found what fits already: start there
             tried = [b for b in s.batches if b <= self.fits.get(depth, math.inf)]
             for batch in tried:
@@ -252,7 +272,9 @@ class Checks:
             else:
                 return {"status": f"fail: out of memory at every device batch tried ({tried})"}
             self.fits[depth] = batch
-            dt = seconds_per_call(lambda: self.train_step(step_fn, optimizer, inputs, targets), s.steps, rt.device)
+            losses = []
+            dt = seconds_per_call(lambda: losses.append(self.train_step(step_fn, optimizer, inputs, targets)), s.steps,
+                                  rt.device)
         tokens = batch * s.seq_len
         flops_per_token = model.estimate_flops()
         mfu = model_flops_utilization(flops_per_token, tokens, dt, get_peak_flops(device_name(rt.device)), 1)
@@ -264,6 +286,10 @@ class Checks:
         if rt.device.type == "cuda":
             result["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(rt.device) / 2**30, 1)
             summary += f", peak {result['peak_mem_gib']} GiB"
+        result["last_loss"] = losses[-1]
+        summary += f", last loss {losses[-1]:.3f}"
+        if not math.isfinite(losses[-1]):
+            result["status"] = "fail"
         return {**result, "summary": summary}
 
     def attention_op(self, backend: str) -> dict:

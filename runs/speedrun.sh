@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The leaderboard recipe, "time to GPT-2", on one 8xH100 node: set up, fetch ClimbMix shards (a few
 # first, the rest in the background while the tokenizer trains), tokenizer, base-train d24 at the
-# reference's current speedrun settings (ratio 8, device batch 16; its --fp8 is not in picochat yet,
-# so expect a slower clock than its 1.65 h), base-eval (the full CORE), chat-sft, chat-eval, report.
+# reference's current speedrun settings (ratio 8, device batch 16, --fp8), base-eval (the full
+# CORE), chat-sft, chat-eval, report.
 # Prints the leaderboard time (base-train's training steps after the first 10, as the reference
 # counts) and the CORE, and whether it beat GPT-2's 0.256525.
 #
@@ -69,7 +69,7 @@ fi
 
 TAG=d24  # every stage names it: another d<N> run in the same home must not be picked up
 "${LAUNCH[@]}" -m picochat base-train --dataset "$DATASET" --depth 24 --target-param-data-ratio 8 \
-  --device-batch-size 16 --model-tag "$TAG" --run "$RUN" --overwrite
+  --device-batch-size 16 --fp8 --model-tag "$TAG" --run "$RUN" --overwrite
 "${LAUNCH[@]}" -m picochat base-eval --dataset "$DATASET" --device-batch-size 16 --model-tag "$TAG"
 "${LAUNCH[@]}" -m picochat chat-sft --model-tag "$TAG" --run "$RUN" --overwrite
 "${LAUNCH[@]}" -m picochat chat-eval -i sft -g "$TAG"

@@ -346,6 +346,36 @@ def test_compiled_path(home, pretrain_dir):
     assert meta["step"] == 3 and not any(k.startswith("_orig_mod") for k in model.state_dict())
 
 
+def test_fp8_run(home, pretrain_dir, capsys):
+    """--fp8 (width 128, so the block matrices and lm_head convert): it learns about as the plain
+    run does, counts the same FLOPs, evaluates with fp8 off (the logged val bpb is the saved
+    weights' bpb in the compute dtype), saves a checkpoint a plain model loads, and a resume
+    without --fp8 is another run."""
+    from picochat.dataloader import DataLoader
+    from picochat.loss_eval import evaluate_bpb
+    from picochat.tokenizer import get_token_bytes
+
+    wide = dict(aspect_ratio=64, num_iterations=20, eval_every=20, save_every=-1)
+    run(config(pretrain_dir, "plain", **wide))
+    run(config(pretrain_dir, "fp8", fp8=True, **wide))
+    out = capsys.readouterr().out
+    assert ("fp8 (tensorwise scaling) for 13 of 15 matmuls; in float32: transformer.h.1.attn.ve_gate, smear_gate "
+            "(smaller than 128 or not a multiple of 16), and every evaluation") in out
+    plain, low = metrics(home, "plain"), metrics(home, "fp8")
+    train_plain, train_low = ([r for r in m if "loss" in r] for m in (plain, low))
+    assert [r["flops"] for r in train_low] == [r["flops"] for r in train_plain]
+    assert train_low[0]["loss"] == pytest.approx(math.log(1024), abs=0.1)
+    assert train_low[-1]["loss"] == pytest.approx(train_plain[-1]["loss"], rel=0.02)  # measured: 0.1% apart
+    assert train_low[-1]["loss"] < train_low[0]["loss"] - 0.5
+    model, tokenizer, meta = ckpt.load_model("base", "cpu", torch.float32, model_tag="fp8")
+    assert meta["user_config"]["fp8"] is True
+    loader = DataLoader(tokenizer, 2, 64, "val", pretrain_dir, torch.device("cpu"))
+    bpb = evaluate_bpb(model, loader, 1024 // (2 * 64), get_token_bytes(torch.device("cpu")))
+    assert [r["val_bpb"] for r in low if "val_bpb" in r][-1] == pytest.approx(bpb, rel=1e-6)
+    with pytest.raises(PicochatError, match=r"--fp8 True -> False"):
+        run(config(pretrain_dir, "fp8", resume=True, **wide))
+
+
 def test_core_samples_and_wandb_hooks(home, pretrain_dir, core_bundle, monkeypatch, capsys):
     # the 22-task bundle with one task's data file missing: CORE in training runs the other 21
     bundle = home / "bundle"
@@ -427,9 +457,9 @@ def test_errors(home, pretrain_dir, monkeypatch, capsys):
         cli.run(main, ["--resume", "--overwrite"])
     assert exit_info.value.code == 1
     assert capsys.readouterr().err.strip() == "error: --overwrite starts over and --resume continues: pass one of them"
-    with pytest.raises(SystemExit) as exit_info:  # fp8 training does not exist: no flag promises it
-        main(["--fp8"])
-    assert exit_info.value.code == 2
+    with pytest.raises(PicochatError, match=r"--fp8 needs --device-batch-size x --max-seq-len divisible by 16 "
+                       r"\(the fp8 GEMM's rule; got 1 x 24\)"):
+        run(config(pretrain_dir, "e", fp8=True, device_batch_size=1, max_seq_len=24))
 
     (home / "tokenizer" / "tokenizer.pkl").unlink()
     with pytest.raises(PicochatError, match="run `picochat tok-train` first"):

@@ -36,7 +36,7 @@ def test_help_shows_defaults_and_preset_values(capsys):
     assert "bpb rows per forward pass (default: 32)" in text  # base-eval
     # base-train's preset-dependent flags say which preset gives which value
     assert "AdamW lr of lm_head (if not given: 0.008 with --preset default, 0.004 with --preset jan29)" in text
-    assert "--fp8" not in text  # not available, so not offered
+    assert "--fp8 run the attention, MLP and lm_head matmuls in fp8 with tensorwise scaling" in text
 
 
 def test_cli_dispatch():

@@ -55,6 +55,7 @@ def test_smoke_run_records_every_section(tmp_path):
         assert any(key.startswith(title) for key in table), title
     assert table["1. training throughput | d2 fa3"] == "skipped: no CUDA"
     assert table["1. training throughput | d2 flex/sdpa"].startswith("ok: B=4: ")
+    assert table["1. training throughput | d2 fp8"].startswith("ok: B=4: ")
     assert table["2. attention fwd+bwd | flex"].startswith("skipped: FlexAttention has no backward")
     assert table["2. attention fwd+bwd | sdpa"].startswith("ok: ")
     assert table["3. loss falls | d2"].startswith("pass: ")

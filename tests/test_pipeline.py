@@ -2,7 +2,11 @@
 chains them: tok-train, tok-eval, base-train, base-eval, chat-sft, chat-eval, chat-rl, chat-eval,
 report, chat-cli. Each stage must leave its artefacts, and the report every section and plot."""
 
+import importlib
+import itertools
 import json
+import re
+import shlex
 import subprocess
 import sys
 
@@ -11,6 +15,7 @@ from chat_data import write_task_mirror
 from conftest import REPO
 
 from picochat import checkpoint as ckpt
+from picochat import cli
 from picochat.stages import base_eval, base_train, chat_eval, chat_rl, chat_sft, report, tok_eval, tok_train
 
 
@@ -69,7 +74,7 @@ def test_every_stage_in_a_row(home, pretrain_dir, tmp_path):
     for name in ("base_loss.png", "base_val_bpb.png", "base_speed.png", "sft.png", "rl.png"):
         assert f"]({name})" in text and (home / "report" / name).read_bytes().startswith(b"\x89PNG"), name
     assert (tmp_path / "here" / "report.md").exists()
-    for script in ("runs/tiny.sh", "runs/speedrun.sh"):  # the recipes at least parse
+    for script in RECIPES:  # the recipes at least parse
         assert subprocess.run(["bash", "-n", str(REPO / script)]).returncode == 0, script
 
     # as a user runs it: the most trained stage (rl) answers
@@ -79,3 +84,50 @@ def test_every_stage_in_a_row(home, pretrain_dir, tmp_path):
     assert done.returncode == 0 and done.stdout.strip(), done.stderr[-2000:]
     assert json.loads((home / "rl_checkpoints" / "d2" / "meta_000002.json").read_text())["source_checkpoint"] == \
         {"stage": "sft", "tag": "d2", "step": 4}
+
+
+RECIPES = ("runs/tiny.sh", "runs/speedrun.sh")
+# what the recipes' variables stand for; a new one must be added here, on purpose
+RECIPE_VARIABLES = {"DATASET": "climbmix", "TAG": "d24", "RUN": "dummy"}
+
+
+def recipe_commands(script: str) -> list[list[str]]:
+    """Every `picochat <stage> ...` and `... -m picochat <stage> ...` command of a recipe, as argv
+    (variables filled in from RECIPE_VARIABLES; quoted text such as an echo's is not a command)."""
+    text = (REPO / script).read_text().replace("\\\n", " ")
+    commands = []
+    for line in text.splitlines():
+        if line.lstrip().startswith("#"):
+            continue
+        lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
+        lexer.whitespace_split = True
+        lexer.commenters = "#"
+        tokens = list(lexer)
+        for i, token in enumerate(tokens):
+            if token == "picochat" and i + 1 < len(tokens) and tokens[i + 1] in cli.STAGES:
+                argv = list(itertools.takewhile(lambda t: t not in (";", "&", "&&", "||", "|"), tokens[i + 1:]))
+                commands.append([re.sub(r"\$\{?(\w+)\}?", lambda m: RECIPE_VARIABLES[m.group(1)], t) for t in argv])
+    return commands
+
+
+@pytest.mark.parametrize("script", RECIPES)
+def test_the_recipes_commands_are_ones_the_stages_accept(script, monkeypatch):
+    """Each stage's own argument parser takes every command of the recipe (a renamed or removed
+    flag fails here, not an hour into a GPU run); run() is replaced so nothing executes."""
+    commands = recipe_commands(script)
+    stages = [argv[0] for argv in commands]
+    expected = {"runs/tiny.sh": ["download", "tok-train", "tok-eval", "base-train", "base-eval", "chat-sft",
+                                 "chat-eval", "report", "chat-cli"],
+                "runs/speedrun.sh": ["download", "download", "tok-train", "tok-eval", "base-train", "base-eval",
+                                     "chat-sft", "chat-eval", "chat-rl", "chat-eval", "report", "report"]}[script]
+    assert stages == expected
+    for stage, *args in commands:
+        module = importlib.import_module(cli.STAGES[stage][0])
+        configs = []
+        monkeypatch.setattr(module, "run", configs.append)
+        module.main(args)
+        assert len(configs) == 1, (stage, args)
+    if script == "runs/speedrun.sh":
+        base_train_args = commands[stages.index("base-train")][1:]
+        assert {"--depth", "24", "--target-param-data-ratio", "8", "--device-batch-size", "16", "--fp8"} <= \
+            set(base_train_args)  # the reference's speedrun settings

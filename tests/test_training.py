@@ -113,9 +113,9 @@ def test_a_fresh_run_never_deletes_checkpoints_unasked(tmp_path):
 
 
 def test_changed_flags():
-    saved = {"matrix_lr": 0.02, "warmdown_ratio": 0.65, "eval_every": 250, "seed": 42, "fp8": False}
+    saved = {"matrix_lr": 0.02, "warmdown_ratio": 0.65, "eval_every": 250, "seed": 42, "dropped_flag": 1}
     now = {"matrix_lr": 0.03, "warmdown_ratio": 0.65, "eval_every": 100, "seed": 42, "overwrite": False}
-    # eval_every is free; fp8 is gone from the config and overwrite is new: neither shapes the run
+    # eval_every is free; dropped_flag is gone from the config and overwrite is new: neither shapes the run
     assert changed_flags(saved, now, free={"eval_every"}) == ["--matrix-lr 0.02 -> 0.03"]
     assert changed_flags(saved, saved, free=set()) == []
 

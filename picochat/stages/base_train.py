@@ -13,6 +13,9 @@ the weight decay's scaling with depth and the Muon variant. "default" is the cur
 reference; "jan29" a reconstruction of the 2026-01-29 leaderboard record (docs/jan29.md),
 including its fixed 524,288-token batch. The run prints the schedules it uses.
 
+--fp8 runs the attention, MLP and lm_head matmuls in fp8 (picochat/fp8.py), as the reference's
+speedrun does; the evaluations run with it off.
+
 Resume is exact (picochat/training.py): on CPU in fp32 a resumed run produces bit-identical
 losses to an uninterrupted one (same world size). --resume refuses a checkpoint trained with
 other settings that shape the run (model, lrs, schedule, batch, data, seed, tokenizer). Ctrl-C
@@ -45,6 +48,7 @@ from dataclasses import dataclass
 import torch
 
 from picochat import checkpoint as ckpt
+from picochat import fp8
 from picochat.cli import HelpFormatter
 from picochat.common import (
     PicochatError,
@@ -60,7 +64,7 @@ from picochat.common import (
 from picochat.core_eval import BATCH_TOKENS, evaluate_core, load_bundle, load_tasks
 from picochat.dataloader import DataLoader
 from picochat.dataset import DEFAULT_DATASET, data_dir_for, split_files
-from picochat.gpt import GPT, build_model, config_from_depth
+from picochat.gpt import GPT, Linear, build_model, config_from_depth
 from picochat.loss_eval import evaluate_bpb
 from picochat.recipes import RECIPES
 from picochat.sampling import sample_completions
@@ -105,6 +109,7 @@ class TrainConfig:
     max_seq_len: int = 2048
     window_pattern: str = "SSSL"
     preset: str = "default"
+    fp8: bool = False
     # horizon, in order of precedence
     num_iterations: int = -1
     target_flops: float = -1.0
@@ -225,6 +230,9 @@ def check_config(c: TrainConfig):
         raise PicochatError(f"--warmdown-ratio must be within [0, 1] (got {c.warmdown_ratio})")
     if c.warmup_steps < 0:
         raise PicochatError(f"--warmup-steps must be at least 0 (got {c.warmup_steps})")
+    if c.fp8 and (c.device_batch_size * c.max_seq_len) % 16:
+        raise PicochatError(f"--fp8 needs --device-batch-size x --max-seq-len divisible by 16 (the fp8 GEMM's "
+                            f"rule; got {c.device_batch_size} x {c.max_seq_len})")
 
 
 def core_task_labels() -> list[str]:
@@ -300,11 +308,20 @@ def setup(c: TrainConfig, rt):
                         tokenizer)
     core_tasks = core_task_labels() if c.core_metric_every > 0 else None
 
+    if c.fp8:
+        fp8.check_supported(device)
     model = build_model(model_config, device, rt.dtype)
     print0(model.attention_summary())
     if resume_step is not None:
         ckpt.load_state_into(model, ckpt.load_model_state(ckpt_dir, resume_step, device))
         print0(f"resuming from {where}")
+    if c.fp8:
+        linears = [name for name, m in model.named_modules() if isinstance(m, Linear)]
+        converted = fp8.convert(model)
+        kept = [name for name in linears if name not in converted]
+        print0(f"fp8 (tensorwise scaling) for {len(converted)} of {len(linears)} matmuls; in "
+               f"{str(rt.dtype).removeprefix('torch.')}: {', '.join(kept) or 'none'} (smaller than "
+               f"{fp8.MIN_SIDE} or not a multiple of 16), and every evaluation")
     orig_model = model
     if c.compile == "on" or (c.compile == "auto" and device.type == "cuda"):
         model = torch.compile(model, dynamic=False)
@@ -437,7 +454,8 @@ def train(c: TrainConfig, rt, stop) -> dict:
                 print0(f"stopped at step {step}; continue with --resume")
                 raise KeyboardInterrupt(f"stopped at step {step}")
             if not (resume_step is not None and loop.evals_done and step == first_step):  # ran before the save
-                record = evaluate(r, step, last, loop)
+                with fp8.disabled(r.orig_model):
+                    record = evaluate(r, step, last, loop)
                 if record:
                     metrics.write({"step": step, **record})
                     if wandb_run is not None:
@@ -519,6 +537,10 @@ def main(argv=None):
                    help="recipe (picochat/recipes.py): architecture, init, optimizer constants, the "
                    "defaults of the lr, weight-decay, warmup and warmdown flags, the momentum and weight-decay "
                    "schedules and the Muon variant; jan29 = the 2026-01-29 record")
+    g.add_argument("--fp8", action="store_true",
+                   help="run the attention, MLP and lm_head matmuls in fp8 with tensorwise scaling (GPUs of compute "
+                   "capability 8.9+, e.g. H100; the CPU runs it slowly, for testing). Evaluations stay in the "
+                   "compute dtype, and MFU stays a fraction of the bf16 peak")
     g = p.add_argument_group("training horizon (the first one given wins)")
     g.add_argument("--num-iterations", type=int, default=d.num_iterations, help="number of steps (-1 = derive)")
     g.add_argument("--target-flops", type=float, default=d.target_flops, help="total training FLOPs (-1 = off)")

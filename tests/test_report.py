@@ -41,8 +41,8 @@ def home(tmp_path, small_tokenizer, monkeypatch):
     train = [{"step": s, "loss": 5.0 - 0.1 * s, "dt": 100.0, "tok_per_s": 1000.0, "bf16_mfu": 40.0 + 10 * (s % 2),
               "tokens": 1000 * (s + 1), "flops": 1e9 * (s + 1)} for s in range(20)]
     evals = [{"step": s, "val_bpb": 1.5 - 0.01 * s} for s in (0, 10, 20)]
-    checkpoint(home, "base", "d2", 20, {"world_size": 8, "loop_state": {"total_training_time": 1800.0,
-                                                                        "val_bpb": 1.3, "min_val_bpb": 1.3}},
+    loop = {"total_training_time": 1800.0, "val_bpb": 1.3, "min_val_bpb": 1.3}
+    checkpoint(home, "base", "d2", 20, {"world_size": 8, "user_config": {"fp8": True}, "loop_state": loop},
                train + evals)
     write_json(home / "base_eval" / "d2" / "base_model_000020.json", {
         "core": {"tasks": {"hellaswag": {"accuracy": 0.5, "centered": 1 / 3, "examples": 100},
@@ -88,6 +88,7 @@ def test_the_tables_from_fixed_stage_outputs(home, tmp_path):
     # wte and lm_head: vocab x width = 1024 x 128
     assert "tag `d2`, step 20" in base and "wte 131,072" in base and "lm_head 131,072" in base
     assert "| processes | 8 |" in base
+    assert "| matmul precision | fp8 (--fp8), evaluations in the compute dtype |" in base
     assert "| time in steps (sum of dt) | 2,000.0 s (0.56 h) |" in base  # 20 x 100 s
     assert "| training time (leaderboard clock: the steps after step 10) | 1,800.0 s (0.50 h) |" in base
     assert "| tokens trained | 20,000 |" in base and "| training FLOPs | 2.000e+10 |" in base

@@ -34,7 +34,8 @@ MIN_SIDE = 128  # smaller matrices lose more to the scaling than the fp8 GEMM ga
 
 def to_fp8(x: torch.Tensor, dtype: torch.dtype):
     """(x scaled into dtype's range and cast to it, the inverse scale as a 0-d fp32 tensor):
-    x ~= x_fp8 * inv_scale. The scale is computed in fp64 (an amax near 0 would overflow fp32)."""
+    x ~= x_fp8 * inv_scale. The scale is computed in fp64, as torchao and the reference do, so the
+    eager and compiled paths round it alike. The clamp matters: casting to e4m3fn does not saturate."""
     fp8_max = torch.finfo(dtype).max
     amax = x.detach().abs().max().double().clamp(min=1e-12)
     scale = (fp8_max / amax).float()
@@ -62,6 +63,7 @@ class _Fp8Matmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight):
         x8, x_inv = to_fp8(x, E4M3)
+        x8 = x8.contiguous()  # the GEMM wants it row-major; a strided x would keep its strides
         w8, w_inv = to_fp8(weight, E4M3)
         ctx.save_for_backward(x8, x_inv, w8, w_inv)
         ctx.weight_dtype = weight.dtype
@@ -72,6 +74,7 @@ class _Fp8Matmul(torch.autograd.Function):
     def backward(ctx, grad):
         x8, x_inv, w8, w_inv = ctx.saved_tensors
         g8, g_inv = to_fp8(grad, E5M2)
+        g8 = g8.contiguous()
         grad_x = scaled_mm(g8, column_major(w8), g_inv, w_inv, grad.dtype, use_fast_accum=False)
         grad_w = scaled_mm(g8.t().contiguous(), column_major(x8), g_inv, x_inv, ctx.weight_dtype, use_fast_accum=False)
         return grad_x, grad_w
@@ -79,6 +82,8 @@ class _Fp8Matmul(torch.autograd.Function):
 
 class Float8Linear(Linear):
     """A gpt.Linear whose matmul runs in fp8 while `fp8` is True (see `disabled`)."""
+
+    fp8 = True
 
     def forward(self, x):
         if not self.fp8:
@@ -91,7 +96,6 @@ class Float8Linear(Linear):
         with torch.device("meta"):  # no second weight in memory: the real one is shared below
             new = cls(linear.in_features, linear.out_features)
         new.weight = linear.weight
-        new.fp8 = True
         return new
 
 

@@ -1,8 +1,9 @@
 """chat-sft on the tiny base model (conftest.base_home) and a small task mirror in the real Hub
 schemas (tests/chat_data.py): SFT learns the chat format (val bpb falls), inherits the base run's
 sizes and lrs, saves a loadable sft checkpoint, resumes after SIGTERM bit for bit, never deletes a
-tag's checkpoints unasked, mixes in --identity / --extra-jsonl, logs a (partial) ChatCORE, and
-gives one-line errors. The all-masked micro-batch is tests/test_training.py's."""
+tag's checkpoints unasked, makes the same run in two gloo processes as in one, mixes in
+--identity / --extra-jsonl, logs a (partial) ChatCORE, and gives one-line errors. The all-masked
+micro-batch is tests/test_training.py's."""
 
 import dataclasses
 import json

@@ -71,6 +71,11 @@ def test_every_gemm_gets_operands_a_gpu_accepts(monkeypatch):
     assert calls == [((32, 128), (128, 256), E4M3, torch.bfloat16, True),  # forward: fast accumulation
                      ((32, 256), (256, 128), E5M2, torch.bfloat16, False),  # input gradient
                      ((256, 32), (32, 128), E5M2, torch.float32, False)]  # weight gradient, in the weight's dtype
+    # a strided input (a transposed view) and a strided output gradient still give row-major operands
+    x = torch.randn(128, 32, dtype=torch.bfloat16).t().requires_grad_()
+    y = f(x)
+    y.backward(torch.randn(256, 32, dtype=torch.bfloat16).t())
+    assert len(calls) == 6 and x.grad.shape == x.shape
 
 
 def test_float8_linear_is_the_dequantized_matmul():

@@ -60,8 +60,10 @@ if [ "$NODE_RANK" = 0 ]; then
   picochat tok-train --dataset "$DATASET" --max-chars 2000000000 --vocab-size 32768
   picochat tok-eval --dataset "$DATASET"
   wait "$DOWNLOAD"
-  trap - EXIT
   touch "$READY"
+  # gone again when this node's run ends, however it ends: a later run's other nodes must not
+  # take an old marker for this run's and start their rendezvous before node 0 is ready
+  trap 'rm -f "$READY"' EXIT
 else
   echo "waiting for node 0 to fetch the data and train the tokenizer ($READY)"
   while [ ! -f "$READY" ]; do sleep 10; done

@@ -1,8 +1,8 @@
 """base-train: hyperparameters derived from depth (against the reference's table),
 schedules at hand-computed points, the MFU formula, and real training runs on CPU:
 a depth-2 model learns, resumed runs (from a periodic checkpoint and after SIGTERM)
-reproduce the uninterrupted run's losses bit for bit, the compiled path runs, and
-bad input gives one clear error."""
+reproduce the uninterrupted run's losses bit for bit, the compiled path runs, --fp8 trains,
+two processes (on one node or two) make one run, and bad input gives one clear error."""
 
 import dataclasses
 import gc
@@ -11,12 +11,14 @@ import math
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
 import torch
-from conftest import free_port
+from conftest import REPO, free_port
 
 from picochat import checkpoint as ckpt
 from picochat import cli
@@ -680,6 +682,39 @@ def test_two_processes_train_resume_and_skip_overflows_together(home, pretrain_d
         shard = torch.load(ckpt.optim_path(home / "base_checkpoints" / "ddp16", 4, r), weights_only=False)
         assert shard["scaler"]["scale"] == 2.0**15 and shard["scaler"]["_growth_tracker"] == 2
         assert shard["optimizer"]["state"][0]["step"] == 3  # 4 steps, 1 skipped
+
+
+def test_two_nodes_train_as_one_node_with_two_processes(home, pretrain_dir, tmp_path, monkeypatch):
+    """The README's multi-node command, two "nodes" of one process each on this machine (torchrun's
+    static rendezvous at --master_addr), against one node of two processes (--standalone): the same
+    run, loss for loss and weight for weight."""
+    data = write_multi_row_group_data(pretrain_dir, tmp_path / "data")
+    monkeypatch.setenv("PICOCHAT_DTYPE", "float32")
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    args = ["-m", "picochat", "base-train", "--depth", "2", "--max-seq-len", "64", "--head-dim", "64",
+            "--window-pattern", "L", "--device-batch-size", "2", "--total-batch-size", "256", "--num-iterations", "3",
+            "--eval-every", "3", "--eval-tokens", "512", "--core-metric-every", "-1", "--sample-every", "-1",
+            "--dataset", str(data), "--compile", "off", "--device-type", "cpu", "--embedding-lr", "3"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run"]
+
+    def launch(launcher, tag):
+        return subprocess.Popen([*torchrun, *launcher, *args, "--model-tag", tag], env=env, cwd=REPO,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    port = str(free_port())
+    nodes = [launch(["--nnodes", "2", "--node_rank", str(rank), "--master_addr", "127.0.0.1", "--master_port", port,
+                     "--nproc_per_node", "1"], "nodes") for rank in (0, 1)]
+    for node in nodes:
+        out, _ = node.communicate(timeout=300)
+        assert node.returncode == 0, out[-3000:]
+    one = launch(["--standalone", "--nproc_per_node", "2"], "one")
+    out, _ = one.communicate(timeout=300)
+    assert one.returncode == 0, out[-3000:]
+    assert deterministic(metrics(home, "nodes")) == deterministic(metrics(home, "one"))
+    assert [r["step"] for r in metrics(home, "nodes") if "val_bpb" in r] == [0, 3]
+    assert ckpt.load_meta(home / "base_checkpoints" / "nodes", 3)["world_size"] == 2
+    a, b = (torch.load(ckpt.model_path(home / "base_checkpoints" / tag, 3)) for tag in ("nodes", "one"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize("batch_size, advice", [

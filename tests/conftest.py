@@ -3,8 +3,14 @@ corpus, a tokenizer trained on it in seconds, a 22-task CORE bundle in the real 
 reads ../shared or the network, so a plain clone runs all of them; larger checks on real data
 are benchmarks (bench/)."""
 
+import os
 import socket
 from pathlib import Path
+
+# Inductor compiles in this process, not in a pool of workers: tests fork processes after
+# compiling (test_optim, test_base_train), and a forked child that loads a cached graph waited
+# forever on the parent's pool (seen in a full run: the suite hung in test_optim)
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 import pytest
 from synthetic import write_core_bundle, write_corpus
@@ -58,7 +64,6 @@ def base_home(tmp_path_factory, pretrain_dir, small_tokenizer):
     """A $PICOCHAT_HOME with the small tokenizer and a tiny base model (tag d2: depth 2, T=64)
     trained 40 steps on the corpus, built once for the tests of the stages that load a model.
     Tests point PICOCHAT_HOME at it and must not change it (copy it to write)."""
-    import os
 
     from picochat.stages import base_train
 

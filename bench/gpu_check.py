@@ -286,8 +286,8 @@ class Checks:
         if rt.device.type == "cuda":
             result["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(rt.device) / 2**30, 1)
             summary += f", peak {result['peak_mem_gib']} GiB"
-        result["last_loss"] = losses[-1]
         summary += f", last loss {losses[-1]:.3f}"
+        result["last_loss"] = losses[-1] if math.isfinite(losses[-1]) else str(losses[-1])  # the JSON line stays JSON
         if not math.isfinite(losses[-1]):
             result["status"] = "fail"
         return {**result, "summary": summary}

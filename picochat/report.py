@@ -115,7 +115,7 @@ def training_summary(run: StageRun, gpu_hour_usd: float = GPU_HOUR_USD) -> dict:
     if run.stage == "base":
         fp8 = run.meta.get("user_config", {}).get("fp8")
         out["matmul precision"] = ("fp8 (--fp8), evaluations in the compute dtype" if fp8
-                                   else run.meta.get("compute_dtype", "n/a"))
+                                   else run.meta.get("compute_dtype", "n/a").removeprefix("torch."))
         clock = loop.get("total_training_time")
         out["training time (leaderboard clock: the steps after step 10)"] = seconds(clock)
         out["tokens trained"] = f"{steps[-1]['tokens']:,}" if steps else "n/a"

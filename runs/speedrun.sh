@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The leaderboard recipe, "time to GPT-2", on one 8xH100 node: set up, fetch ClimbMix shards (a few
 # first, the rest in the background while the tokenizer trains), tokenizer, base-train d24 at the
-# reference's current speedrun settings (ratio 8, device batch 16, --fp8), base-eval (the full
-# CORE), chat-sft, chat-eval, report.
+# reference's current speedrun settings (ratio 8, device batch 16, --fp8 where the GPU has it),
+# base-eval (the full CORE), chat-sft, chat-eval, report.
 # Prints the leaderboard time (base-train's training steps after the first 10, as the reference
 # counts) and the CORE, and whether it beat GPT-2's 0.256525.
 #
@@ -13,6 +13,8 @@
 #   NPROC_PER_NODE   GPUs per node (default 8). Fewer GPUs, even one, give the same run: the total
 #                    batch is fixed by --depth and gradient accumulation makes up the difference.
 #   WANDB_RUN        a wandb run name to log to (default: dummy = no wandb)
+#   FP8              1 = base-train --fp8, 0 = bf16; default: 1 on GPUs of compute capability 8.9+
+#                    (H100), which fp8 needs, else 0
 #   Several nodes: the standard torchrun rendezvous, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT,
 #     and PICOCHAT_HOME on a file system every node shares (rank 0 writes the checkpoints that the
 #     next stages load everywhere). Run this script on every node: node 0 fetches the data and
@@ -69,9 +71,16 @@ else
   while [ ! -f "$READY" ]; do sleep 10; done
 fi
 
+if [ -z "${FP8:-}" ]; then
+  FP8=$(python -c "import torch as t; print(int(t.cuda.is_available() and t.cuda.get_device_capability() >= (8, 9)))")
+fi
+FP8_FLAG=""
+if [ "$FP8" = 1 ]; then FP8_FLAG=--fp8
+else echo "base-train in bf16 (FP8=$FP8; fp8 is the default on GPUs of compute capability 8.9+)"; fi
+
 TAG=d24  # every stage names it: another d<N> run in the same home must not be picked up
 "${LAUNCH[@]}" -m picochat base-train --dataset "$DATASET" --depth 24 --target-param-data-ratio 8 \
-  --device-batch-size 16 --fp8 --model-tag "$TAG" --run "$RUN" --overwrite
+  --device-batch-size 16 $FP8_FLAG --model-tag "$TAG" --run "$RUN" --overwrite
 "${LAUNCH[@]}" -m picochat base-eval --dataset "$DATASET" --device-batch-size 16 --model-tag "$TAG"
 "${LAUNCH[@]}" -m picochat chat-sft --model-tag "$TAG" --run "$RUN" --overwrite
 "${LAUNCH[@]}" -m picochat chat-eval -i sft -g "$TAG"

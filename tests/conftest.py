@@ -64,7 +64,6 @@ def base_home(tmp_path_factory, pretrain_dir, small_tokenizer):
     """A $PICOCHAT_HOME with the small tokenizer and a tiny base model (tag d2: depth 2, T=64)
     trained 40 steps on the corpus, built once for the tests of the stages that load a model.
     Tests point PICOCHAT_HOME at it and must not change it (copy it to write)."""
-
     from picochat.stages import base_train
 
     home = tmp_path_factory.mktemp("base_home")

@@ -78,6 +78,27 @@ def test_every_gemm_gets_operands_a_gpu_accepts(monkeypatch):
     assert len(calls) == 6 and x.grad.shape == x.shape
 
 
+def test_compiled_with_the_real_scaled_mm(monkeypatch):
+    """Under torch.compile with torch._scaled_mm itself (as on a GPU): inductor's lowering of the op
+    accepts the operands (it checks their layout on the CPU too), and forward and gradients equal
+    the eager ones."""
+    monkeypatch.setattr(fp8, "scaled_mm", lambda a, b, sa, sb, out_dtype, use_fast_accum: torch._scaled_mm(
+        a, b, scale_a=sa, scale_b=sb, out_dtype=out_dtype, use_fast_accum=use_fast_accum))
+    f = Float8Linear.from_linear(layer(in_features=32, out_features=48))
+    torch._dynamo.reset()  # a graph compiled earlier with the emulation would be reused
+    compiled = torch.compile(f, dynamic=False, fullgraph=True)
+    x = torch.randn(16, 32, requires_grad=True)
+    g = torch.randn(16, 48)
+    results = []
+    for fn in (f, compiled):
+        x.grad = f.weight.grad = None
+        y = fn(x)
+        y.backward(g)
+        results.append((y.detach(), x.grad.clone(), f.weight.grad.clone()))
+    for eager, comp in zip(*results):
+        torch.testing.assert_close(comp, eager, rtol=1e-5, atol=1e-5)
+
+
 def test_float8_linear_is_the_dequantized_matmul():
     """Forward and both gradients equal the same products computed slowly from the dequantized
     operands (float64), and stay within the quantization error of the full-precision ones."""

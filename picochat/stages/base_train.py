@@ -284,6 +284,8 @@ def setup(c: TrainConfig, rt):
     """Build the run; returns (run, resume_step, loop, batch). Every flag and the resume target are
     checked before the eval bundle is fetched or the model built."""
     device, world = rt.device, rt.world_size
+    if c.fp8:  # before --overwrite may remove anything
+        fp8.check_supported(device)
     tokenizer = get_tokenizer()
     data_dir = data_dir_for(c.dataset)
     for split in ("train", "val"):
@@ -308,8 +310,6 @@ def setup(c: TrainConfig, rt):
                         tokenizer)
     core_tasks = core_task_labels() if c.core_metric_every > 0 else None
 
-    if c.fp8:
-        fp8.check_supported(device)
     model = build_model(model_config, device, rt.dtype)
     print0(model.attention_summary())
     if resume_step is not None:
@@ -539,7 +539,7 @@ def main(argv=None):
                    "schedules and the Muon variant; jan29 = the 2026-01-29 record")
     g.add_argument("--fp8", action="store_true",
                    help="run the attention, MLP and lm_head matmuls in fp8 with tensorwise scaling (GPUs of compute "
-                   "capability 8.9+, e.g. H100; the CPU runs it slowly, for testing). Evaluations stay in the "
+                   "capability 8.9+, e.g. H100; emulated on the CPU, for testing). Evaluations stay in the "
                    "compute dtype, and MFU stays a fraction of the bf16 peak")
     g = p.add_argument_group("training horizon (the first one given wins)")
     g.add_argument("--num-iterations", type=int, default=d.num_iterations, help="number of steps (-1 = derive)")

@@ -349,17 +349,17 @@ def test_compiled_path(home, pretrain_dir):
 
 
 def test_fp8_run(home, pretrain_dir, capsys):
-    """--fp8 (width 128, so the block matrices and lm_head convert): it learns about as the plain
-    run does, evaluates with fp8 off (the logged val bpb is the saved
-    weights' bpb in the compute dtype), saves a checkpoint a plain model loads, and a resume
-    without --fp8 is another run."""
+    """--fp8 (width 128, so the block matrices and lm_head convert), compiled as on a GPU: it learns
+    about as the plain run does, evaluates with fp8 off (the logged val bpb is the saved weights'
+    bpb in the compute dtype), saves a checkpoint a plain model loads, and a resume without --fp8
+    is another run."""
     from picochat.dataloader import DataLoader
     from picochat.loss_eval import evaluate_bpb
     from picochat.tokenizer import get_token_bytes
 
     wide = dict(aspect_ratio=64, num_iterations=20, eval_every=20, save_every=-1)
     run(config(pretrain_dir, "plain", **wide))
-    run(config(pretrain_dir, "fp8", fp8=True, **wide))
+    run(config(pretrain_dir, "fp8", fp8=True, compile="on", **wide))  # compiled, as on a GPU
     out = capsys.readouterr().out
     assert ("fp8 (tensorwise scaling) for 13 of 15 matmuls; in float32: transformer.h.1.attn.ve_gate, smear_gate "
             "(smaller than 128 or not a multiple of 16), and every evaluation") in out
@@ -372,7 +372,7 @@ def test_fp8_run(home, pretrain_dir, capsys):
     assert meta["user_config"]["fp8"] is True
     loader = DataLoader(tokenizer, 2, 64, "val", pretrain_dir, torch.device("cpu"))
     bpb = evaluate_bpb(model, loader, 1024 // (2 * 64), get_token_bytes(torch.device("cpu")))
-    assert [r["val_bpb"] for r in low if "val_bpb" in r][-1] == pytest.approx(bpb, rel=1e-6)
+    assert [r["val_bpb"] for r in low if "val_bpb" in r][-1] == pytest.approx(bpb, rel=1e-5)
     with pytest.raises(PicochatError, match=r"--fp8 True -> False"):
         run(config(pretrain_dir, "fp8", resume=True, **wide))
 

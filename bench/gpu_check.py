@@ -287,8 +287,9 @@ class Checks:
             result["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(rt.device) / 2**30, 1)
             summary += f", peak {result['peak_mem_gib']} GiB"
         summary += f", last loss {losses[-1]:.3f}"
-        result["last_loss"] = losses[-1] if math.isfinite(losses[-1]) else str(losses[-1])  # the JSON line stays JSON
-        if not math.isfinite(losses[-1]):
+        finite = math.isfinite(losses[-1])
+        result["last_loss"] = losses[-1] if finite else str(losses[-1])  # the JSON line stays JSON
+        if not finite:
             result["status"] = "fail"
         return {**result, "summary": summary}
 

@@ -33,13 +33,14 @@ MIN_SIDE = 128  # smaller matrices lose more to the scaling than the fp8 GEMM ga
 
 
 def to_fp8(x: torch.Tensor, dtype: torch.dtype):
-    """(x scaled into dtype's range and cast to it, the inverse scale as a 0-d fp32 tensor):
-    x ~= x_fp8 * inv_scale. The scale is computed in fp64, as torchao and the reference do, so the
-    eager and compiled paths round it alike. The clamp matters: casting to e4m3fn does not saturate."""
+    """(x scaled into dtype's range and cast to it, row-major whatever x's strides, as the GEMM
+    wants it; the inverse scale as a 0-d fp32 tensor): x ~= x_fp8 * inv_scale. The scale is
+    computed in fp64, as torchao and the reference do, so the eager and compiled paths round it
+    alike. The clamp matters: casting to e4m3fn does not saturate."""
     fp8_max = torch.finfo(dtype).max
     amax = x.detach().abs().max().double().clamp(min=1e-12)
     scale = (fp8_max / amax).float()
-    return (x.float() * scale).clamp(-fp8_max, fp8_max).to(dtype), scale.reciprocal()
+    return (x.float() * scale).clamp(-fp8_max, fp8_max).to(dtype).contiguous(), scale.reciprocal()
 
 
 def column_major(x: torch.Tensor) -> torch.Tensor:
@@ -63,7 +64,6 @@ class _Fp8Matmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight):
         x8, x_inv = to_fp8(x, E4M3)
-        x8 = x8.contiguous()  # the GEMM wants it row-major; a strided x would keep its strides
         w8, w_inv = to_fp8(weight, E4M3)
         ctx.save_for_backward(x8, x_inv, w8, w_inv)
         ctx.weight_dtype = weight.dtype
@@ -74,7 +74,6 @@ class _Fp8Matmul(torch.autograd.Function):
     def backward(ctx, grad):
         x8, x_inv, w8, w_inv = ctx.saved_tensors
         g8, g_inv = to_fp8(grad, E5M2)
-        g8 = g8.contiguous()
         grad_x = scaled_mm(g8, column_major(w8), g_inv, w_inv, grad.dtype, use_fast_accum=False)
         grad_w = scaled_mm(g8.t().contiguous(), column_major(x8), g_inv, x_inv, ctx.weight_dtype, use_fast_accum=False)
         return grad_x, grad_w
